@@ -22,6 +22,7 @@ proto-snapshot: setup
 ## The embedded stack: NATS with JetStream and every installed service as local processes.
 up: setup
 	@$(SPLITSTACK) up
+	@$(SPLITSTACK) status
 
 down: setup
 	@$(SPLITSTACK) down

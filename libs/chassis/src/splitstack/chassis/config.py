@@ -107,8 +107,8 @@ def load_settings(cls: type[S], service: str, env: Mapping[str, str] | None = No
     fields = dataclasses.fields(cls)
     known = {env_name(service, f) for f in fields}
     own_prefix = f"{PREFIX}{service.upper()}_"
-    peers = {f"{PREFIX}{s}_ADDR" for s in ("REGISTRY", "TRAINER", "CONVERTER", "SERVING")}
-    unknown = sorted(v for v in env if v.startswith(own_prefix) and v not in known and v not in peers)
+    own_addr = f"{own_prefix}ADDR"  # the stack tells every service every address, its own included
+    unknown = sorted(v for v in env if v.startswith(own_prefix) and v not in known and v != own_addr)
     if unknown:
         raise ConfigError(f"unknown {service} settings: {', '.join(unknown)} "
                           f"(known: {', '.join(sorted(v for v in known if v.startswith(own_prefix)))})")
