@@ -29,20 +29,23 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "setup: creating $VENV with $($py --version)"
   "$py" -m venv "$VENV"
 fi
-PIP="$VENV/bin/python -m pip --disable-pip-version-check"
+# pip, minus the warnings some machines' pip config emits for absent local index folders.
+pip_install() {
+  "$VENV/bin/python" -m pip --disable-pip-version-check install -q "$@" 2> >(grep -v "is ignored: it is neither" >&2)
+}
 
 want=$(inputs_digest)
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
-  $PIP install -q --upgrade pip
+  pip_install --upgrade pip
   echo "setup: installing $TORCH_SPEC first"
-  $PIP install -q "$TORCH_SPEC"
+  pip_install "$TORCH_SPEC"
   editables=(-e libs/contracts -e "libs/chassis[testing]" -e libs/client)
   for svc in services/*/; do
     [ -f "$svc/pyproject.toml" ] && editables+=(-e "${svc%/}[test]")
   done
   echo "setup: installing ${#editables[@]} editable entries and dev tools"
   # torch stays pinned while the rest resolve, so nothing swaps it for a CUDA build.
-  $PIP install -q "$TORCH_SPEC" "${editables[@]}" -r requirements-dev.txt
+  pip_install "$TORCH_SPEC" "${editables[@]}" -r requirements-dev.txt
   echo "$want" > "$STAMP"
 fi
 

@@ -170,6 +170,33 @@ async def test_errors_map_to_status_for_every_handler_kind(channel: grpc.aio.Cha
             assert caught.value.details() == f"probe raised {name}"
 
 
+async def test_a_peer_services_error_reaches_the_caller_unchanged(runtime: ServiceRuntime) -> None:
+    async def relay(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{runtime.port}") as peer:
+            return await peer.unary_unary(f"/{PROBE_SERVICE}/Fail")(request, timeout=10)
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await relay_call(relay, b"NotFound")
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert caught.value.details() == "probe raised NotFound"
+
+
+async def relay_call(relay, payload: bytes) -> bytes:
+    """Call `relay` as a guarded handler the way the interceptor would wrap it."""
+    from splitstack.chassis.server import guard_handler
+
+    handler = guard_handler(grpc.unary_unary_rpc_method_handler(relay), "/test.Relay/Call")
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Relay", {"Call": handler}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as client:
+            return await client.unary_unary("/test.Relay/Call")(payload, timeout=10)
+    finally:
+        await server.stop(None)
+
+
 async def test_unexpected_exception_is_logged_with_traceback(channel: grpc.aio.Channel,
                                                              caplog: pytest.LogCaptureFixture) -> None:
     with pytest.raises(grpc.aio.AioRpcError):

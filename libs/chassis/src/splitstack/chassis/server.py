@@ -51,6 +51,10 @@ def _code_name(code: grpc.StatusCode | None) -> str:
 
 def _status_and_message(exc: Exception, method: str) -> tuple[grpc.StatusCode, str]:
     """The status and client-facing message for an exception escaping `method`'s handler."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        # A peer service's error reaches the caller as that service said it (code and message).
+        log.debug("%s -> %s from a peer: %s", method, exc.code().name, exc.details())
+        return exc.code(), exc.details() or exc.code().name
     code = status_for(exc)
     if code is None:
         log.error("unexpected %s in %s", type(exc).__name__, method, exc_info=exc)
