@@ -19,7 +19,7 @@ from pathlib import Path
 import nats
 import pytest
 from prometheus_client import REGISTRY
-from sqlalchemy import Engine, create_engine, insert, select
+from sqlalchemy import Engine, create_engine, event, insert, select
 from sqlalchemy.orm import Session
 
 from splitstack.chassis.config import ChassisSettings
@@ -332,3 +332,43 @@ async def test_concurrent_relays_skip_each_others_locked_rows(
     assert first.duplicates + second.duplicates == 0
     assert sorted(await stream_event_ids(nats_server.url)) == sorted(event_ids)
     assert published_flags(postgres_engine) == dict.fromkeys(event_ids, True)
+
+
+class BlockedBus:
+    """A bus whose publish waits until released: a slow or unreachable NATS."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def publish_raw(self, subject: str, data: bytes, *, event_id: str):
+        self.entered.set()
+        await self.release.wait()
+        return None
+
+
+async def test_sqlite_writers_are_not_stalled_by_a_slow_publish(tmp_path: Path) -> None:
+    # The way an embedded service runs SQLite: every transaction takes the write lock at BEGIN.
+    engine = create_engine(f"sqlite:///{tmp_path / 'state.db'}", connect_args={"timeout": 2})
+
+    @event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_connection, _record) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(conn) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    child.metadata.create_all(engine)
+    child.register(engine, "digits", 1)
+    bus = BlockedBus()
+    relay = OutboxRelay(engine, outbox, bus)
+    relaying = asyncio.create_task(relay.relay_once())
+    await asyncio.wait_for(bus.entered.wait(), 10)
+    started = time.monotonic()
+    await asyncio.to_thread(child.register, engine, "digits", 2)  # must not wait for the publish
+    assert time.monotonic() - started < 1.5
+    bus.release.set()
+    assert await asyncio.wait_for(relaying, 10) == 1
+    assert pending_count(engine, outbox) == 1
+    engine.dispose()

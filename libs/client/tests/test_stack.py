@@ -290,7 +290,10 @@ def test_shipped_stack_file_parses() -> None:
     assert root is not None
     definition = load_stack_definition(root / "deploy/local/stack.toml")
     assert definition.nats.args == ("--store_dir", "{state_dir}/nats")
-    assert definition.services == ()   # no service exists yet; the file lists them commented out
+    names = [service.name for service in definition.services]
+    assert "registry" in names and set(names) <= {"registry", "trainer", "converter", "serving"}
+    for service in definition.services:  # a service reads only its own prefix (shared vars aside)
+        assert all(var.startswith(f"SPLITSTACK_{service.name.upper()}_") for var in service.env), service
 
 
 def test_paths_come_from_flags_env_or_project_root(tmp_path: Path) -> None:

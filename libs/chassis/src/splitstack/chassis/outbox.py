@@ -13,9 +13,12 @@ carry no order between them; consumers are idempotent and must not assume one.
 Several relays may run against one database. On PostgreSQL a relay claims its batch with
 `SELECT ... FOR UPDATE SKIP LOCKED` inside a transaction that stays open across the publishes,
 so replicas publish disjoint rows at the same time. SQLite has no row locks (SQLAlchemy renders
-no FOR UPDATE there) and is only used embedded, with one relay per database file; should two
-relays still read the same pending row, both publish it with the same Nats-Msg-Id, the server
-keeps one copy and reports the other as a duplicate, and both marks set the same column.
+no FOR UPDATE there) and is only used embedded, with one relay per database file. There the relay
+reads its batch in a short transaction, publishes outside any transaction, and marks the rows in
+a second short one: a service that begins every transaction IMMEDIATE (one writer at a time)
+must not be stalled by a slow or unreachable NATS. Should two relays read the same pending row,
+both publish it with the same Nats-Msg-Id, the server keeps one copy and reports the other as a
+duplicate, and both marks set the same column.
 
 The database work is synchronous SQLAlchemy, run in `asyncio.to_thread`; one connection per
 batch is used from those threads one call at a time.
@@ -150,6 +153,7 @@ class OutboxRelay:
         self._engine, self._table, self._bus = engine, table, bus
         self._batch_size, self._poll_interval, self._max_backoff = batch_size, poll_interval, max_backoff
         self._labels = {"outbox": table.name}
+        self._holds_row_locks = engine.dialect.name == "postgresql"  # FOR UPDATE SKIP LOCKED
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -237,6 +241,8 @@ class OutboxRelay:
             select(t.c.id, t.c.event_id, t.c.subject, t.c.data)
             .where(t.c.published_at.is_(None)).order_by(t.c.id).limit(self._batch_size)
             .with_for_update(skip_locked=True)).all()
+        if not self._holds_row_locks:
+            conn.commit()  # no row locks to keep: never hold a database lock across the publishes
         return [_PendingEvent(r.id, r.event_id, r.subject, bytes(r.data)) for r in rows]
 
     def _finish(self, conn: Connection, published: list[int],

@@ -1,0 +1,282 @@
+"""The loaded models: several models and versions at once, each version with its own batcher.
+
+`load(name, version)` fetches the artifact from the `ModelSource`, verifies its SHA-256 when the
+source gives one, builds the ONNX Runtime session, warms it up, and only then makes it the
+model's current version, in one step on the event loop: requests resolved before the step
+finish on the version they resolved to, which is released once its last one is done. A failed
+load changes nothing that serves (the previous version stays current) and is reported by
+`index()`. Anything `resolve` returns is loaded *and* warmed, so readiness is `resolve` success.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import MappingProxyType
+
+from inference import model_config_pb2
+from splitstack.chassis.errors import NotFound
+from splitstack.contracts.names import check_name
+
+from splitstack_serving import metrics
+from splitstack_serving.backend import BackendOptions, ModelLoadError, OnnxModel
+from splitstack_serving.batching import BatchPolicy, DynamicBatcher
+from splitstack_serving.source import LocalModel, ModelSource, version_order
+from splitstack_serving.stats import InferenceStats
+from splitstack_serving.tensors import ModelSignature
+
+log = logging.getLogger(__name__)
+
+READY = "READY"
+LOADING = "LOADING"
+UNAVAILABLE = "UNAVAILABLE"
+HASH_CHUNK_BYTES = 1 << 20
+_NO_VERSIONS: MappingProxyType = MappingProxyType({})
+
+
+@dataclass
+class ModelVersion:
+    """One loaded, warmed model version and everything that serves it."""
+
+    name: str
+    version: str
+    sha256: str
+    path: Path
+    model: OnnxModel
+    signature: ModelSignature
+    policy: BatchPolicy
+    batcher: DynamicBatcher
+    stats: InferenceStats
+    metrics: metrics.ModelMetrics
+    in_flight: int = 0
+    retired: bool = False
+    _drained: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    @property
+    def label(self) -> str:
+        """How messages name this version."""
+        return f"model '{self.name}' version {self.version}"
+
+    def acquire(self) -> None:
+        """A request starts using this version (it will not be released under the request)."""
+        self.in_flight += 1
+
+    def release(self) -> None:
+        """A request is done with this version."""
+        self.in_flight -= 1
+        if self.retired and self.in_flight == 0:
+            self._drained.set()
+
+    async def retire(self, timeout: float) -> None:
+        """Wait (at most `timeout`) for the requests using this version, then free it."""
+        self.retired = True
+        if self.in_flight:
+            try:
+                await asyncio.wait_for(self._drained.wait(), timeout)
+            except TimeoutError:
+                log.error("%s: %d request(s) still running after %.1fs; releasing anyway",
+                          self.label, self.in_flight, timeout)
+        await self.batcher.close(timeout)
+        self.model.close()
+        metrics.forget_version(self.name, self.version)
+        log.info("%s released", self.label)
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """One line of the repository index: a model version and its state (READY, LOADING, UNAVAILABLE)."""
+
+    name: str
+    version: str
+    state: str
+    reason: str = ""
+
+
+def policy_for(default: BatchPolicy, config: model_config_pb2.ModelConfig | None, batchable: bool) -> BatchPolicy:
+    """The batch policy of one model: the service defaults, then the model's own config (Triton's
+    rules: a config without `dynamic_batching` runs requests one by one), then what the model allows."""
+    policy = default
+    if config is not None:
+        if config.max_batch_size > 0:
+            policy = replace(policy, max_batch_size=config.max_batch_size)
+        if config.HasField("dynamic_batching"):
+            batching = config.dynamic_batching
+            policy = replace(policy, batching=True, max_queue_delay_us=batching.max_queue_delay_microseconds,
+                             max_queue_size=batching.default_queue_policy.max_queue_size or policy.max_queue_size)
+        else:
+            policy = replace(policy, batching=False)
+        if config.instance_group and config.instance_group[0].count > 0:
+            policy = replace(policy, instances=config.instance_group[0].count)
+    if not batchable:
+        policy = replace(policy, max_batch_size=0, batching=False)
+    return policy
+
+
+def file_sha256(path: Path) -> str:
+    """The hex SHA-256 of a file (blocking)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        while chunk := stream.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class ModelRepository:
+    """Which model versions are loaded, which one is current per model, and how they change."""
+
+    def __init__(self, source: ModelSource, options: BackendOptions, default_policy: BatchPolicy,
+                 release_timeout: float = 30.0) -> None:
+        self.source = source
+        self.options = options
+        self.default_policy = default_policy
+        self.release_timeout = release_timeout
+        self._versions: dict[str, dict[str, ModelVersion]] = {}
+        self._current: dict[str, ModelVersion] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._loading: dict[str, str] = {}
+        self._failures: dict[str, tuple[str, str]] = {}   # name -> (version, reason) of its last failed load
+        self._unloaded: set[str] = set()
+
+    def resolve(self, name: str, version: str = "") -> ModelVersion:
+        """The loaded version `version` of `name` ("" = current); NotFound when not loaded."""
+        found = self._current.get(name) if not version else self._versions.get(name, _NO_VERSIONS).get(version)
+        if found is None:
+            raise self._not_found(name, version)
+        return found
+
+    def _not_found(self, name: str, version: str) -> NotFound:
+        loaded = self.loaded_versions(name)
+        if not loaded:
+            return NotFound(f"model '{name}' is not loaded")
+        return NotFound(f"model '{name}' version '{version}' is not loaded (loaded: {', '.join(loaded)})")
+
+    def is_ready(self, name: str, version: str = "") -> bool:
+        """True when that version (or the current one) is loaded and warmed."""
+        found = self._current.get(name) if not version else self._versions.get(name, _NO_VERSIONS).get(version)
+        return found is not None
+
+    def loaded_versions(self, name: str) -> list[str]:
+        """The loaded versions of `name`, ascending."""
+        return sorted(self._versions.get(name, {}), key=version_order)
+
+    def current_versions(self) -> list[ModelVersion]:
+        """The current version of every loaded model, by model name."""
+        return [self._current[name] for name in sorted(self._current)]
+
+    def all_versions(self, name: str = "") -> list[ModelVersion]:
+        """Every loaded version of `name` ("" = of every model)."""
+        names = [name] if name else sorted(self._versions)
+        return [self._versions[n][v] for n in names for v in self.loaded_versions(n)]
+
+    async def load(self, name: str, version: str = "", *, config: model_config_pb2.ModelConfig | None = None,
+                   keep_previous: bool = False) -> ModelVersion:
+        """Load `version` of `name` ("" = the source's current), warm it, make it current; release the
+        version it replaces (unless `keep_previous`) once its requests are done. On failure nothing
+        that serves changes and the error is raised; a version that was found but failed to load is
+        also kept for `index()`."""
+        check_name("model name", name)
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            local = await self.source.fetch(name, version)
+            self._loading[name] = local.version
+            try:
+                loaded = await self._open(local, config)
+            except Exception as exc:
+                self._failures[name] = (local.version, str(exc))
+                metrics.count_load(name, ok=False)
+                log.error("loading model '%s' version %s failed: %s", name, local.version, exc)
+                raise
+            finally:
+                self._loading.pop(name, None)
+            replaced = self._install(loaded, keep_previous)
+            metrics.count_load(name, ok=True)
+            log.info("%s loaded and current (sha256 %s, max_batch_size %d, batching %s)", loaded.label,
+                     loaded.sha256[:12], loaded.policy.max_batch_size, "on" if loaded.policy.batching else "off")
+            await self._retire(replaced)
+            batcher = loaded.batcher  # after the retirement, which drops a reloaded version's gauge
+            metrics.watch_pending(name, loaded.version, lambda: batcher.pending)
+            return loaded
+
+    async def _open(self, local: LocalModel, config: model_config_pb2.ModelConfig | None) -> ModelVersion:
+        sha256 = await asyncio.to_thread(file_sha256, local.path)
+        if local.sha256 and sha256 != local.sha256:
+            raise ModelLoadError(f"model '{local.name}' version {local.version}: {local.path.name} has sha256 "
+                                 f"{sha256}, expected {local.sha256}; refusing to load it")
+        model = await asyncio.to_thread(OnnxModel.open, local.path, self.options)
+        try:
+            policy = policy_for(self.default_policy, config or local.config, model.batchable)
+            await asyncio.to_thread(model.warm_up, policy.max_batch_size)
+        except BaseException:
+            model.close()
+            raise
+        return self._serving_version(local, sha256, model, policy)
+
+    @staticmethod
+    def _serving_version(local: LocalModel, sha256: str, model: OnnxModel, policy: BatchPolicy) -> ModelVersion:
+        stats = InferenceStats()
+        model_metrics = metrics.model_metrics(local.name)
+        label = f"model '{local.name}' version {local.version}"
+        batcher = DynamicBatcher(label, model.run, [spec.name for spec in model.inputs], policy, stats, model_metrics)
+        signature = ModelSignature(model.inputs, model.outputs, policy.max_batch_size)
+        return ModelVersion(local.name, local.version, sha256, local.path, model, signature, policy, batcher,
+                            stats, model_metrics)
+
+    def _install(self, loaded: ModelVersion, keep_previous: bool) -> list[ModelVersion]:
+        """Make `loaded` current (one synchronous step); return the versions it takes out of service."""
+        versions = self._versions.setdefault(loaded.name, {})
+        replaced = [v for v in (versions.get(loaded.version),) if v is not None]
+        previous = self._current.get(loaded.name)
+        if previous is not None and previous.version != loaded.version and not keep_previous:
+            replaced.append(versions.pop(previous.version))
+        versions[loaded.version] = loaded
+        self._current[loaded.name] = loaded
+        self._failures.pop(loaded.name, None)
+        self._unloaded.discard(loaded.name)
+        metrics.set_loaded_versions(loaded.name, len(versions))
+        return replaced
+
+    async def unload(self, name: str, version: str = "") -> None:
+        """Take `version` of `name` ("" = every version) out of service and release it once its
+        requests are done. Unloading the current version makes the highest remaining one current."""
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            versions = self._versions.get(name, {})
+            if not versions or (version and version not in versions):
+                raise self._not_found(name, version)
+            removed = [versions.pop(version)] if version else [versions.pop(v) for v in list(versions)]
+            remaining = self.loaded_versions(name)
+            if remaining:
+                self._current[name] = versions[remaining[-1]]
+            else:
+                self._current.pop(name, None)
+                self._versions.pop(name, None)
+                self._unloaded.add(name)
+            metrics.set_loaded_versions(name, len(remaining))
+            await self._retire(removed)
+
+    async def _retire(self, versions: Iterable[ModelVersion]) -> None:
+        await asyncio.gather(*(v.retire(self.release_timeout) for v in versions))
+
+    async def index(self, ready_only: bool = False) -> list[IndexEntry]:
+        """Every model the source offers or that is loaded, one entry per loaded version."""
+        available = await self.source.available()
+        entries: list[IndexEntry] = []
+        for name in sorted({*available, *self._versions, *self._failures, *self._loading}):
+            entries.extend(IndexEntry(name, v, READY) for v in self.loaded_versions(name))
+            if name in self._loading:
+                entries.append(IndexEntry(name, self._loading[name], LOADING))
+            if name in self._failures:
+                failed_version, reason = self._failures[name]
+                entries.append(IndexEntry(name, failed_version, UNAVAILABLE, reason))
+            elif name not in self._versions and name not in self._loading:
+                entries.append(IndexEntry(name, "", UNAVAILABLE, "unloaded" if name in self._unloaded else ""))
+        return [e for e in entries if e.state == READY] if ready_only else entries
+
+    async def close(self) -> None:
+        """Release every version (after its requests finish, within the release timeout)."""
+        versions = self.all_versions()
+        self._versions.clear()
+        self._current.clear()
+        await self._retire(versions)
