@@ -34,6 +34,10 @@ status: setup
 test: setup proto-check
 	@$(PY) -m pytest $(PYTEST_ARGS)
 
+## Benchmarks, never part of `make test`; each writes its report under docs/bench/.
+bench: setup
+	@$(PY) services/converter/bench/bench_converter.py
+
 clean:
 	rm -rf $(VENV) state libs/contracts/src/.generated
 	find libs -name '*_pb2*.py*' -delete

@@ -1,0 +1,161 @@
+"""Building, gating and measuring each candidate format of a target from the optimized ONNX model.
+
+A candidate whose build, gate or measurement fails is rejected with its reason (the others go on);
+only the stages before (fetch, export, optimize) end a whole conversion.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from splitstack.common.v1 import common_pb2
+from splitstack_converter.pipeline import PipelineError, tensorrt
+from splitstack_converter.pipeline.candidates import Candidate, sha256_file
+from splitstack_converter.pipeline.export import OnnxModelInfo
+from splitstack_converter.pipeline.gate import Tolerance, evaluate, run_in_batches
+from splitstack_converter.pipeline.profile import Floors, batch_sizes
+from splitstack_converter.pipeline.profile_worker import measure_in_subprocess
+from splitstack_converter.pipeline.quantize import CPU_SCHEME, TENSORRT_SCHEME, quantize_int8
+from splitstack_converter.pipeline.runners import OrtOptions, Runner, cpu_description, open_runner
+from splitstack_converter.pipeline.sample import Sample
+
+log = logging.getLogger(__name__)
+
+ONNX_FORMATS = (common_pb2.ONNX_FP32, common_pb2.ONNX_INT8)
+TENSORRT_FORMATS = {common_pb2.TENSORRT_FP16: "FP16", common_pb2.TENSORRT_INT8: "INT8"}
+
+
+@dataclass(frozen=True)
+class TargetBuild:
+    """Everything candidate builds need to know about the target and this pool."""
+
+    target: common_pb2.InferenceTarget
+    ort: OrtOptions
+    floors: Floors
+    engine_cache_dir: Path
+
+    @property
+    def max_batch(self) -> int:
+        return self.target.max_batch
+
+    def device(self) -> str:
+        if self.target.accelerator == common_pb2.GPU:
+            return tensorrt.gpu_product() or self.target.gpu_product
+        return cpu_description()
+
+
+class CandidateBuilder:
+    """Builds, gates and profiles the candidates of one conversion inside `workdir`."""
+
+    def __init__(self, build: TargetBuild, optimized: Path, info: OnnxModelInfo, sample: Sample, workdir: Path,
+                 trt_module: object | None = None) -> None:
+        self.build_settings = build
+        self.optimized = optimized
+        self.info = info
+        self.sample = sample
+        self.workdir = workdir
+        self._trt = trt_module
+
+    # -- build
+    def build(self, fmt: int) -> Candidate:
+        """The candidate of format `fmt`, built (path set) or rejected with the reason."""
+        candidate = Candidate(format=fmt)
+        try:
+            if fmt == common_pb2.ONNX_FP32:
+                path = self.workdir / candidate.filename
+                shutil.copyfile(self.optimized, path)
+                candidate.built(path, optimization="onnxruntime-basic")
+            elif fmt == common_pb2.ONNX_INT8:
+                path = self.workdir / candidate.filename
+                quantize_int8(self.optimized, path, self.sample.calibration_inputs, self.info.input_name, CPU_SCHEME)
+                candidate.built(path, quantization=f"qdq-{CPU_SCHEME.name}-minmax",
+                                calibration_rows=str(len(self.sample.calibration_inputs)))
+            elif fmt in TENSORRT_FORMATS:
+                self._build_engine(candidate, TENSORRT_FORMATS[fmt])
+            else:
+                candidate.reject(f"format {candidate.name} is not supported by this converter")
+        except PipelineError as exc:
+            candidate.reject(f"{exc.stage} failed: {exc.reason}")
+        except Exception as exc:  # noqa: BLE001  one format failing to build must not end the others
+            log.warning("building %s failed", candidate.name, exc_info=True)
+            candidate.reject(f"building {candidate.name} failed: {_first_line(exc)}")
+        return candidate
+
+    def _build_engine(self, candidate: Candidate, precision: str) -> None:
+        trt = self._trt or tensorrt.import_tensorrt()
+        if trt is None:
+            candidate.reject("TensorRT is not installed on this converter")
+            return
+        caps = tensorrt.detect_capabilities(trt)
+        source = self.prepare_tensorrt_onnx(precision, caps)
+        target = self.build_settings.target
+        shapes = tensorrt.profile_shapes(self.info.input_name, self.info.features, target.max_batch,
+                                         target.selection_metric.batch_size or 1)
+        product = tensorrt.gpu_product() or target.gpu_product
+        key = tensorrt.cache_key(sha256_file(source), product, caps.version, precision, shapes)
+        cache = tensorrt.EngineCache(self.build_settings.engine_cache_dir)
+        plan = cache.get(key)
+        if plan is None:
+            plan = cache.put(key, tensorrt.build_plan(trt, caps, source, precision, shapes))
+        path = self.workdir / candidate.filename
+        shutil.copyfile(plan, path)
+        candidate.built(path, tensorrt_version=caps.version, gpu_product=product, cache_key=key,
+                        profile=shapes.describe())
+
+    def prepare_tensorrt_onnx(self, precision: str, caps: tensorrt.Capabilities) -> Path:
+        """The ONNX model TensorRT parses for `precision`: explicit Q/DQ for INT8 (every version);
+        for FP16 the FP32 model plus the FP16 flag (10.x) or an FP16 model (11.x, strongly typed)."""
+        if precision == "INT8":
+            path = self.workdir / "tensorrt-int8-qdq.onnx"
+            quantize_int8(self.optimized, path, self.sample.calibration_inputs, self.info.input_name,
+                          TENSORRT_SCHEME)
+            return path
+        if caps.fp16_from_onnx_types:
+            path = self.workdir / "tensorrt-fp16.onnx"
+            tensorrt.to_fp16_onnx(self.optimized, path)
+            return path
+        return self.optimized
+
+    # -- run
+    def open_runner(self, candidate: Candidate) -> Runner:
+        if candidate.format in ONNX_FORMATS or self._trt is None:
+            return open_runner(candidate.format, candidate.path, self.build_settings.ort)
+        return tensorrt.TensorRtRunner(self._trt, candidate.path)
+
+    def gate(self, candidate: Candidate, metric: common_pb2.PrimaryMetric, tolerance: Tolerance) -> None:
+        """Run the sample through the candidate and record the gate's verdict."""
+        try:
+            runner = self.open_runner(candidate)
+        except Exception as exc:  # noqa: BLE001  a candidate that cannot load is rejected, not fatal
+            candidate.reject(f"cannot load {candidate.name}: {_first_line(exc)}")
+            return
+        try:
+            outputs = run_in_batches(runner.run, self.sample.inputs, self.build_settings.max_batch)
+        except Exception as exc:  # noqa: BLE001
+            candidate.reject(f"{candidate.name} failed on the sample: {_first_line(exc)}")
+            return
+        finally:
+            runner.close()
+        candidate.gate = evaluate(outputs, self.sample.reference_outputs, self.sample.labels, metric, tolerance)
+        candidate.accepted = candidate.gate.passed
+        candidate.reason = candidate.gate.reason if candidate.gate.passed else f"rejected: {candidate.gate.reason}"
+
+    def profile(self, candidate: Candidate) -> None:
+        """Measure an accepted candidate on this machine (in a child process: see profile_worker)."""
+        target = self.build_settings.target
+        sizes = batch_sizes(target.max_batch, target.selection_metric.batch_size)
+        try:
+            candidate.profile = measure_in_subprocess(candidate.format, candidate.path, self.sample.inputs, sizes,
+                                                      self.build_settings.floors, self.build_settings.ort,
+                                                      target=target.id, device=self.build_settings.device())
+        except Exception as exc:  # noqa: BLE001
+            candidate.reject(f"measuring {candidate.name} failed: {_first_line(exc)}")
+            return
+        candidate.profile.accuracy = candidate.gate.candidate_metric
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip() or type(exc).__name__).splitlines()[0][:500]

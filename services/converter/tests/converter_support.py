@@ -1,0 +1,295 @@
+"""Black-box test support: real `splitstack-registry` and `splitstack-converter` processes, their
+logs, the registry API steps that register a model version, and a reader of the event streams.
+
+The converter is reached only through gRPC and NATS, exactly like in a deployment; the registry
+runs on SQLite and a local artifact directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import nats
+import nats.js.errors
+
+from splitstack.chassis.faults import crash_env, crash_point_hit
+from splitstack.chassis.testing.servers import find_binary
+from splitstack.common.v1 import common_pb2 as common
+from splitstack.contracts import handoff
+from splitstack.contracts.envelope import MSG_ID_HEADER, Event, unwrap
+from splitstack.registry.v1 import registry_pb2 as rpb
+from splitstack.registry.v1 import registry_pb2_grpc
+
+MIB = 1024 * 1024
+START_TIMEOUT_SECONDS = 90.0
+STOP_TIMEOUT_SECONDS = 20.0
+RPC_TIMEOUT_SECONDS = 60.0
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * MIB), ("grpc.max_send_message_length", 64 * MIB)]
+
+
+# ---- processes ---------------------------------------------------------------------------------------
+
+@dataclass
+class ServiceProcess:
+    """One running (or dead) service process started by a test."""
+
+    name: str
+    proc: subprocess.Popen
+    port: int
+    log_path: Path
+    marker_dir: Path | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def crashed_at(self, point: str) -> bool:
+        return self.marker_dir is not None and crash_point_hit(self.marker_dir, point)
+
+    def stop(self, timeout: float = STOP_TIMEOUT_SECONDS) -> int:
+        """SIGTERM and wait (SIGKILL after `timeout`)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
+        return self.proc.returncode
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+
+def spawn(command: str, name: str, run_dir: Path, env: Mapping[str, str], cwd: Path,
+          crash_points: Iterable[str] = ()) -> tuple[subprocess.Popen, Path, Path, Path | None]:
+    """Start `command` with only the SPLITSTACK_* variables in `env`; (proc, ready file, log, marker dir)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cwd.mkdir(parents=True, exist_ok=True)
+    ready, log_path = run_dir / f"{name}.ready.json", run_dir / f"{name}.log"
+    ready.unlink(missing_ok=True)
+    full = {k: v for k, v in os.environ.items() if not k.startswith("SPLITSTACK_")}
+    full.update(env)
+    full["PYTHONUNBUFFERED"] = "1"
+    marker_dir = None
+    points = list(crash_points)
+    if points:
+        marker_dir = run_dir / f"markers-{name}"
+        marker_dir.mkdir(exist_ok=True)
+        full.update(crash_env(points, marker_dir))
+    prefix = "SPLITSTACK_REGISTRY" if command == "splitstack-registry" else "SPLITSTACK_CONVERTER"
+    full[f"{prefix}_READY_FILE"] = str(ready)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([find_binary(command)], env=full, cwd=cwd, stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=subprocess.STDOUT)
+    return proc, ready, log_path, marker_dir
+
+
+def wait_ready(name: str, proc: subprocess.Popen, ready: Path, log_path: Path,
+               timeout: float = START_TIMEOUT_SECONDS) -> int:
+    """The gRPC port from the ready file; fail with the log if the process dies or times out first."""
+    deadline = time.monotonic() + timeout
+    while not ready.exists():
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode} before it was ready; log:\n"
+                               f"{log_path.read_text(errors='replace')[-8000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise TimeoutError(f"{name} not ready within {timeout}s; log:\n{log_path.read_text(errors='replace')[-8000:]}")
+        time.sleep(0.05)
+    return json.loads(ready.read_text())["grpc_port"]
+
+
+def start_registry(root: Path, nats_url: str) -> ServiceProcess:
+    """A registry on SQLite + a local artifact directory under `root`."""
+    env = {"SPLITSTACK_NATS_URL": nats_url, "SPLITSTACK_REGISTRY_GRPC_PORT": "0",
+           "SPLITSTACK_REGISTRY_DATABASE_URL": f"sqlite:///{root / 'registry.db'}",
+           "SPLITSTACK_REGISTRY_ARTIFACT_DIR": str(root / "artifacts"),
+           "SPLITSTACK_REGISTRY_RELAY_POLL_SECONDS": "0.2",
+           "SPLITSTACK_REGISTRY_SHUTDOWN_GRACE_SECONDS": "5"}
+    proc, ready, log_path, _ = spawn("splitstack-registry", "registry", root / "run", env, root)
+    return ServiceProcess("registry", proc, wait_ready("registry", proc, ready, log_path), log_path)
+
+
+# Fast measurement floors for the tests that do not assert which candidate is chosen.
+FAST_PROFILE = {"SPLITSTACK_CONVERTER_PROFILE_MIN_RUNS": "50", "SPLITSTACK_CONVERTER_PROFILE_MIN_SECONDS": "0.2",
+                "SPLITSTACK_CONVERTER_PROFILE_WARMUP_RUNS": "3"}
+
+
+@dataclass
+class ConverterPool:
+    """Converter replicas of one target sharing one database, one NATS and one registry."""
+
+    root: Path
+    nats_url: str
+    registry_addr: str
+    extra_env: Mapping[str, str]
+
+    def __post_init__(self) -> None:
+        self.processes: list[ServiceProcess] = []
+        self._count = 0
+
+    def spawn(self, crash_points: Iterable[str] = (), **extra: str) -> tuple[str, Any]:
+        self._count += 1
+        name = f"converter-{self._count}"
+        env = {"SPLITSTACK_NATS_URL": self.nats_url, "SPLITSTACK_REGISTRY_ADDR": self.registry_addr,
+               "SPLITSTACK_CONVERTER_GRPC_PORT": "0", "SPLITSTACK_CONVERTER_INSTANCE": name,
+               "SPLITSTACK_CONVERTER_DATABASE_URL": f"sqlite:///{self.root / 'converter.db'}",
+               "SPLITSTACK_CONVERTER_WORK_DIR": str(self.root / "work"),
+               "SPLITSTACK_CONVERTER_SHUTDOWN_GRACE_SECONDS": "5",
+               "SPLITSTACK_CONVERTER_RELAY_POLL_SECONDS": "0.2",
+               "SPLITSTACK_CONVERTER_WATCH_POLL_SECONDS": "0.1", **self.extra_env, **extra}
+        started = spawn("splitstack-converter", name, self.root / "run", env, self.root, crash_points)
+        return name, started
+
+    def wait(self, spawned: tuple[str, Any]) -> ServiceProcess:
+        name, (proc, ready, log_path, marker_dir) = spawned
+        process = ServiceProcess(name, proc, wait_ready(name, proc, ready, log_path), log_path, marker_dir)
+        self.processes.append(process)
+        return process
+
+    def start(self, crash_points: Iterable[str] = (), **extra: str) -> ServiceProcess:
+        return self.wait(self.spawn(crash_points, **extra))
+
+    def stop_all(self) -> None:
+        for process in self.processes:
+            process.stop()
+
+    def logs(self) -> str:
+        return "\n".join(f"==== {p.name}\n{p.log()[-20000:]}" for p in self.processes)
+
+
+# ---- gRPC -------------------------------------------------------------------------------------------
+
+@contextlib.asynccontextmanager
+async def open_channel(address: str) -> AsyncIterator[grpc.aio.Channel]:
+    channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    try:
+        yield channel
+    finally:
+        await asyncio.wait_for(channel.close(), 10)
+
+
+def sha256_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _upload_stream(header: rpb.ArtifactHeader, data: bytes) -> Iterator[rpb.UploadArtifactRequest]:
+    yield rpb.UploadArtifactRequest(header=header)
+    for start in range(0, len(data), MIB):
+        yield rpb.UploadArtifactRequest(chunk=data[start:start + MIB])
+
+
+def fresh_name(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+async def register_version(stub: registry_pb2_grpc.RegistryStub, model: str, program: bytes, sample: bytes,
+                           *, required_targets: Iterable[str] = ("cpu",),
+                           labels: Mapping[str, str] | None = None) -> rpb.ModelVersion:
+    """CreateModel, CreateVersion, upload the exported program and the sample, FinalizeVersion
+    (the registry then announces model.registered)."""
+    accuracy = common.PrimaryMetric(name="accuracy", direction=common.MAXIMIZE)
+    await stub.CreateModel(rpb.CreateModelRequest(model=rpb.Model(
+        name=model, required_targets=list(required_targets), primary_metric=accuracy, labels=dict(labels or {}))),
+        timeout=RPC_TIMEOUT_SECONDS)
+    version = await stub.CreateVersion(rpb.CreateVersionRequest(
+        model=model, idempotency_key=fresh_name("job"), lineage=rpb.Lineage(primary_metric=accuracy),
+        signature=handoff.signature([64], 10)), timeout=RPC_TIMEOUT_SECONDS)
+    for kind, data, filename in ((common.EXPORTED_PROGRAM, program, handoff.EXPORTED_PROGRAM_FILENAME),
+                                 (common.SAMPLE, sample, handoff.SAMPLE_FILENAME)):
+        header = rpb.ArtifactHeader(model=model, version=version.version, kind=kind, precision=common.PRECISION_FP32,
+                                    sha256=sha256_of(data), size_bytes=len(data), filename=filename)
+        await stub.UploadArtifact(_upload_stream(header, data), timeout=RPC_TIMEOUT_SECONDS)
+    return await stub.FinalizeVersion(rpb.FinalizeVersionRequest(model=model, version=version.version),
+                                      timeout=RPC_TIMEOUT_SECONDS)
+
+
+async def get_version(stub: registry_pb2_grpc.RegistryStub, model: str, version: int) -> rpb.ModelVersion:
+    return await stub.GetVersion(rpb.GetVersionRequest(model=model, version=version), timeout=RPC_TIMEOUT_SECONDS)
+
+
+def conversion_artifacts(version: rpb.ModelVersion, target: str = "cpu") -> list[rpb.Artifact]:
+    return [a for a in version.artifacts if a.target == target]
+
+
+# ---- events -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StoredEvent:
+    stream: str
+    seq: int
+    subject: str
+    msg_id: str
+    event: Event
+
+    @property
+    def payload(self) -> Any:
+        return self.event.payload
+
+
+class EventLog:
+    """What the contract streams store, read by sequence (no consumer is created)."""
+
+    STREAMS = ("SPLITSTACK_MODELS", "SPLITSTACK_DEADLETTER")
+
+    def __init__(self, nc: nats.NATS) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+
+    async def read(self, pattern: str) -> list[StoredEvent]:
+        found: list[StoredEvent] = []
+        for stream in self.STREAMS:
+            seq = 1
+            while True:
+                try:
+                    msg = await self.js.get_msg(stream, seq=seq, subject=pattern, next=True)
+                except nats.js.errors.NotFoundError:
+                    break
+                found.append(StoredEvent(stream, msg.seq, msg.subject, (msg.headers or {}).get(MSG_ID_HEADER, ""),
+                                         unwrap(msg.data or b"")))
+                seq = msg.seq + 1
+        return found
+
+    async def wait_for(self, pattern: str, count: int = 1, timeout: float = 120.0) -> list[StoredEvent]:
+        """Poll until at least `count` messages match `pattern`."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            found = await self.read(pattern)
+            if len(found) >= count:
+                return found
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"expected {count} event(s) on {pattern} within {timeout}s, got {len(found)}")
+            await asyncio.sleep(0.1)
+
+    async def publish_copy(self, stored: StoredEvent) -> None:
+        """Publish a stored message again under a new message id (a duplicate the server cannot drop)."""
+        from splitstack.contracts.envelope import wrap
+
+        envelope = wrap(stored.payload, producer="test/duplicate")
+        await self.js.publish(stored.subject, envelope.SerializeToString(),
+                              headers={MSG_ID_HEADER: envelope.event_id})
+
+
+@contextlib.asynccontextmanager
+async def open_event_log(url: str) -> AsyncIterator[EventLog]:
+    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=3)
+    try:
+        yield EventLog(nc)
+    finally:
+        await asyncio.wait_for(nc.close(), 5)
