@@ -252,6 +252,32 @@ async def test_ready_file_names_the_ports_and_goes_away_at_stop(runtime: Service
     assert not ready.exists()
 
 
+
+async def test_deferred_readiness_keeps_health_and_ready_file_back_until_mark_ready(tmp_path: Path) -> None:
+    ready = tmp_path / "run" / "deferred.json"
+    runtime = build_runtime(ChassisSettings(ready_file=str(ready), shutdown_grace_seconds=5.0))
+    runtime.defer_readiness()
+    runtime.set_serving(False, PROBE_SERVICE)
+    await runtime.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{runtime.port}") as channel:
+            assert await _health(channel, "") == NOT_SERVING
+            assert await _health(channel, PROBE_SERVICE) == NOT_SERVING
+            assert not ready.exists(), "a deferred service must not claim ready at start"
+            runtime.set_serving(True, PROBE_SERVICE)
+            runtime.mark_ready()
+            runtime.mark_ready()  # idempotent
+            assert await _health(channel, "") == SERVING
+            assert await _health(channel, PROBE_SERVICE) == SERVING
+            assert json.loads(ready.read_text())["grpc_port"] == runtime.port
+        with pytest.raises(RuntimeError, match="before start"):
+            runtime.defer_readiness()
+    finally:
+        await runtime.stop()
+    assert not ready.exists()
+    runtime.mark_ready()  # after shutdown: ignored, writes nothing
+    assert not ready.exists()
+
 async def test_stop_lets_in_flight_calls_finish_then_runs_teardown_in_order(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="splitstack.chassis.testing.probe")
     runtime = build_runtime(ChassisSettings(shutdown_grace_seconds=5.0))

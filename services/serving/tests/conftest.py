@@ -1,10 +1,13 @@
-"""Fixtures for the serving tests: a model directory, the ONNX Runtime oracle, in-process servers."""
+"""Fixtures for the serving tests: a model directory, the ONNX Runtime oracle, in-process servers;
+for registry mode, a real nats-server and `splitstack-registry` (module-scoped) and servings that
+follow aliases."""
 
 from __future__ import annotations
 
 import shutil
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,9 +16,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # serving_support, beside this file
 
-from serving_support import Oracle, build_model_dir  # noqa: E402
+from registry_support import ModelRegistry, RegistryProcess, registry_client  # noqa: E402
+from serving_support import Oracle, build_mlp, build_model_dir  # noqa: E402
 
 from inference import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
+from splitstack.chassis.testing.servers import NatsServer, start_nats  # noqa: E402
 from splitstack_serving.config import ServingSettings  # noqa: E402
 from splitstack_serving.main import ServingService, build_service  # noqa: E402
 
@@ -66,6 +71,81 @@ async def serve(model_dir: Path) -> AsyncIterator[StartServing]:
         running = RunningServing(service, None, None)  # type: ignore[arg-type]
         started.append(running)
         await service.load_startup_models()
+        running.channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.runtime.port}")
+        running.stub = pb_grpc.GRPCInferenceServiceStub(running.channel)
+        return running
+
+    yield start
+    for running in started:
+        if running.channel is not None:
+            await running.channel.close()
+        await running.service.runtime.stop()
+
+
+# ---- registry mode: a real nats-server and splitstack-registry, serving followed aliases -------------
+
+@dataclass
+class RegistryStack:
+    """NATS and a registry process shared by a module's tests (each test uses its own model names)."""
+
+    nats: NatsServer
+    registry: RegistryProcess
+
+    @property
+    def nats_url(self) -> str:
+        return self.nats.url
+
+
+@pytest.fixture(scope="module")
+def registry_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryStack]:
+    root = tmp_path_factory.mktemp("registry-stack")
+    nats_server = start_nats(root / "nats")
+    try:
+        registry = RegistryProcess.start(root / "registry", nats_server.url)
+    except BaseException:
+        nats_server.stop()
+        raise
+    yield RegistryStack(nats_server, registry)
+    registry.stop()
+    nats_server.stop()
+
+
+@pytest.fixture
+async def registry(registry_stack: RegistryStack) -> AsyncIterator[ModelRegistry]:
+    """A Registry API client of the module's registry."""
+    async with registry_client(registry_stack.registry.address) as client:
+        yield client
+
+
+@pytest.fixture
+def model_name() -> str:
+    """A model name no other test uses."""
+    return f"m{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="session")
+def onnx_models(tmp_path_factory: pytest.TempPathFactory) -> dict[int, bytes]:
+    """mlp ONNX files (64 -> 256 -> 10) with weights from seeds 1, 2, 3, as bytes."""
+    root = tmp_path_factory.mktemp("registry-models")
+    return {seed: build_mlp(root / f"{seed}.onnx", seed).read_bytes() for seed in (1, 2, 3)}
+
+
+@pytest.fixture
+async def follow(registry_stack: RegistryStack, tmp_path: Path) -> AsyncIterator[StartServing]:
+    """`await follow(models=("name",), instance="a", ...)`: an in-process serving in registry mode on a
+    free port, started (its readiness follows the registry); stopped after the test."""
+    started: list[RunningServing] = []
+
+    async def start(nats_url: str = "", registry_addr: str = "", **settings: object) -> RunningServing:
+        instance = str(settings.setdefault("instance", f"replica-{len(started) + 1}"))
+        settings.setdefault("cache_dir", str(tmp_path / f"cache-{instance}"))
+        service = build_service(ServingSettings(
+            registry_addr=registry_addr or registry_stack.registry.address, nats_url=nats_url or registry_stack.nats_url,
+            nats_connect_timeout_seconds=10.0, shutdown_grace_seconds=5.0, **settings))  # type: ignore[arg-type]
+        running = RunningServing(service, None, None)  # type: ignore[arg-type]
+        started.append(running)
+        await service.runtime.start()
+        await service.start_models()
         running.channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.runtime.port}")
         running.stub = pb_grpc.GRPCInferenceServiceStub(running.channel)
         return running

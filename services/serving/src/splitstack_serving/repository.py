@@ -5,7 +5,9 @@ source gives one, builds the ONNX Runtime session, warms it up, and only then ma
 model's current version, in one step on the event loop: requests resolved before the step
 finish on the version they resolved to, which is released once its last one is done. A failed
 load changes nothing that serves (the previous version stays current) and is reported by
-`index()`. Anything `resolve` returns is loaded *and* warmed, so readiness is `resolve` success.
+`index()`; so is a fetch the source refuses (`ModelLoadError`: not servable here, wrong digest).
+Anything `resolve` returns is loaded *and* warmed, so readiness is `resolve` success. Swap
+listeners (`on_swap`) hear of every version made current, after the swap (model.deployed).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -36,6 +38,8 @@ LOADING = "LOADING"
 UNAVAILABLE = "UNAVAILABLE"
 HASH_CHUNK_BYTES = 1 << 20
 _NO_VERSIONS: MappingProxyType = MappingProxyType({})
+
+SwapListener = Callable[["ModelVersion", str], Awaitable[None]]  # (now current, previous current version or "")
 
 
 @dataclass
@@ -140,6 +144,11 @@ class ModelRepository:
         self._loading: dict[str, str] = {}
         self._failures: dict[str, tuple[str, str]] = {}   # name -> (version, reason) of its last failed load
         self._unloaded: set[str] = set()
+        self._swap_listeners: list[SwapListener] = []
+
+    def on_swap(self, listener: SwapListener) -> None:
+        """Call `await listener(version, previous)` after each load that made `version` current."""
+        self._swap_listeners.append(listener)
 
     def resolve(self, name: str, version: str = "") -> ModelVersion:
         """The loaded version `version` of `name` ("" = current); NotFound when not loaded."""
@@ -158,6 +167,11 @@ class ModelRepository:
         """True when that version (or the current one) is loaded and warmed."""
         found = self._current.get(name) if not version else self._versions.get(name, _NO_VERSIONS).get(version)
         return found is not None
+
+    def current_version(self, name: str) -> str:
+        """The version of `name` an empty `model_version` gets ("" when none is loaded)."""
+        found = self._current.get(name)
+        return found.version if found is not None else ""
 
     def loaded_versions(self, name: str) -> list[str]:
         """The loaded versions of `name`, ascending."""
@@ -180,25 +194,48 @@ class ModelRepository:
         also kept for `index()`."""
         check_name("model name", name)
         async with self._locks.setdefault(name, asyncio.Lock()):
-            local = await self.source.fetch(name, version)
-            self._loading[name] = local.version
+            self._loading[name] = version
             try:
-                loaded = await self._open(local, config)
-            except Exception as exc:
-                self._failures[name] = (local.version, str(exc))
-                metrics.count_load(name, ok=False)
-                log.error("loading model '%s' version %s failed: %s", name, local.version, exc)
-                raise
+                loaded = await self._fetch_and_open(name, version, config)
             finally:
                 self._loading.pop(name, None)
-            replaced = self._install(loaded, keep_previous)
+            replaced, previous = self._install(loaded, keep_previous)
             metrics.count_load(name, ok=True)
             log.info("%s loaded and current (sha256 %s, max_batch_size %d, batching %s)", loaded.label,
                      loaded.sha256[:12], loaded.policy.max_batch_size, "on" if loaded.policy.batching else "off")
+            await self._notify_swap(loaded, previous)
             await self._retire(replaced)
             batcher = loaded.batcher  # after the retirement, which drops a reloaded version's gauge
             metrics.watch_pending(name, loaded.version, lambda: batcher.pending)
             return loaded
+
+    async def _fetch_and_open(self, name: str, version: str,
+                              config: model_config_pb2.ModelConfig | None) -> ModelVersion:
+        """Fetch and open a version; a fetch the source refuses (ModelLoadError) or any failure to
+        open what it fetched is recorded for `index()` and counted, then raised."""
+        try:
+            local = await self.source.fetch(name, version)
+        except ModelLoadError as exc:
+            self._report_failure(name, getattr(exc, "version", "") or version, exc)
+            raise
+        self._loading[name] = local.version
+        try:
+            return await self._open(local, config)
+        except Exception as exc:
+            self._report_failure(name, local.version, exc)
+            raise
+
+    def _report_failure(self, name: str, version: str, exc: BaseException) -> None:
+        self._failures[name] = (version, str(exc))
+        metrics.count_load(name, ok=False)
+        log.error("loading model '%s' version %s failed: %s", name, version or "(current)", exc)
+
+    async def _notify_swap(self, loaded: ModelVersion, previous: str) -> None:
+        for listener in self._swap_listeners:
+            try:
+                await listener(loaded, previous)
+            except Exception:  # noqa: BLE001 - the swap happened; a listener's trouble must not undo it
+                log.exception("swap listener failed for %s", loaded.label)
 
     async def _open(self, local: LocalModel, config: model_config_pb2.ModelConfig | None) -> ModelVersion:
         sha256 = await asyncio.to_thread(file_sha256, local.path)
@@ -224,8 +261,9 @@ class ModelRepository:
         return ModelVersion(local.name, local.version, sha256, local.path, model, signature, policy, batcher,
                             stats, model_metrics)
 
-    def _install(self, loaded: ModelVersion, keep_previous: bool) -> list[ModelVersion]:
-        """Make `loaded` current (one synchronous step); return the versions it takes out of service."""
+    def _install(self, loaded: ModelVersion, keep_previous: bool) -> tuple[list[ModelVersion], str]:
+        """Make `loaded` current (one synchronous step); return the versions it takes out of service
+        and the version that was current before ("" when none)."""
         versions = self._versions.setdefault(loaded.name, {})
         replaced = [v for v in (versions.get(loaded.version),) if v is not None]
         previous = self._current.get(loaded.name)
@@ -236,7 +274,7 @@ class ModelRepository:
         self._failures.pop(loaded.name, None)
         self._unloaded.discard(loaded.name)
         metrics.set_loaded_versions(loaded.name, len(versions))
-        return replaced
+        return replaced, previous.version if previous is not None else ""
 
     async def unload(self, name: str, version: str = "") -> None:
         """Take `version` of `name` ("" = every version) out of service and release it once its

@@ -93,7 +93,7 @@ def _credentials(settings: ChassisSettings) -> dict:
     return options
 
 
-def _callbacks(url: str, reconnects: ReconnectSignal, connected: list[bool]) -> dict:
+def _callbacks(nc: NATS, url: str, reconnects: ReconnectSignal, connected: list[bool]) -> dict:
     """Connection callbacks that log; errors before the first connect are only debug noise."""
 
     async def on_error(exc: Exception) -> None:
@@ -105,7 +105,7 @@ def _callbacks(url: str, reconnects: ReconnectSignal, connected: list[bool]) -> 
             log.debug("NATS connect attempt to %s: %s", url, exc or type(exc).__name__)
 
     async def on_disconnected() -> None:
-        if connected[0]:
+        if connected[0] and not (nc.is_draining or nc.is_closed):  # not our own close()
             log.warning("disconnected from NATS at %s; reconnecting", url)
 
     async def on_reconnected() -> None:
@@ -133,7 +133,7 @@ async def _connect(settings: ChassisSettings, producer: str, reconnects: Reconne
             await nc.connect(servers, name=f"{producer}-{settings.instance}", allow_reconnect=False,
                              max_reconnect_attempts=-1, reconnect_time_wait=RECONNECT_WAIT_SECONDS,
                              connect_timeout=max(1.0, min(remaining, 5.0)),
-                             **_callbacks(url, reconnects, connected), **options)
+                             **_callbacks(nc, url, reconnects, connected), **options)
         except Exception as exc:  # noqa: BLE001  any failure is retried until the deadline
             await _close_quietly(nc)
             if "authorization" in str(exc).lower():

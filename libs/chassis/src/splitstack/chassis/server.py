@@ -12,6 +12,9 @@ A service's `main.py` builds its core, then:
 `serve()` starts the server (health, reflection, Prometheus, ready file), waits for SIGTERM/SIGINT
 and stops: health NOT_SERVING -> in-flight RPCs finish within the grace period -> background
 tasks cancelled -> `on_shutdown` callbacks (last registered first) -> `exit_stack` closed.
+A service with work to do before it can serve (e.g. models to load and warm) calls
+`defer_readiness()` before starting and `mark_ready()` once it is done: until then the whole
+server's health is NOT_SERVING and no ready file exists.
 Every RPC passes one interceptor that maps domain errors to statuses (errors.py), turns any
 other exception into INTERNAL with the traceback logged, and records metrics (metrics.py).
 """
@@ -186,6 +189,7 @@ class ServiceRuntime:
         self._stopping: asyncio.Future | None = None
         self._signals: list[signal.Signals] = []
         self._wrote_ready_file = False
+        self._ready_deferred = False
         self._transport = "plaintext"
 
     def add_service(self, add_fn: Callable[..., None], servicer: Any, service_full_name: str) -> None:
@@ -233,8 +237,28 @@ class ServiceRuntime:
             self._health_updates.add(update)
             update.add_done_callback(self._health_updates.discard)
 
+    def defer_readiness(self) -> None:
+        """Opt out of being ready at start (call before `start()`): the whole server ("") reports
+        NOT_SERVING and no ready file is written until `mark_ready()`, e.g. while models warm up."""
+        if self._server is not None:
+            raise RuntimeError("defer readiness before start()")
+        self._ready_deferred = True
+        self._serving[""] = False
+
+    def mark_ready(self) -> None:
+        """End a deferral: report the whole server SERVING and write the ready file (once started;
+        before `start()` it simply cancels the deferral). Ignored once shutdown has begun."""
+        if self._stopping is not None or self._shutdown_requested.is_set():
+            return
+        self._ready_deferred = False
+        self.set_serving(True)
+        if self._server is not None and not self._wrote_ready_file:
+            self._write_ready_file()
+            log.info("%s ready", self.service)
+
     async def start(self) -> None:
-        """Build and start the gRPC server and metrics endpoint, mark SERVING, write the ready file."""
+        """Build and start the gRPC server and metrics endpoint, mark SERVING, write the ready file
+        (both only once `mark_ready()` is called when the service chose `defer_readiness()`)."""
         if self._server is not None or self._stopping is not None:
             raise RuntimeError("a ServiceRuntime starts once")
         server = self._server = grpc.aio.server(interceptors=[RpcInterceptor()], options=self._server_options())
@@ -251,7 +275,8 @@ class ServiceRuntime:
         for name, serving in self._serving.items():
             await self._health.set(name, _serving_status(serving))
         await server.start()
-        self._write_ready_file()
+        if not self._ready_deferred:
+            self._write_ready_file()
         log.info("%s serving gRPC on %s:%d (%s), metrics port %s", self.service, self.settings.grpc_host,
                  self.port, self._transport, self.metrics_port)
 
