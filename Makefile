@@ -37,6 +37,8 @@ test: setup proto-check
 ## Benchmarks, never part of `make test`; each writes its report under docs/bench/.
 bench: setup
 	@$(PY) services/converter/bench/bench_converter.py
+	@$(PY) services/trainer/bench/bench_trainer.py
+	@$(PY) tests/bench/serving/bench_serving.py
 
 clean:
 	rm -rf $(VENV) state libs/contracts/src/.generated

@@ -1,0 +1,1 @@
+"""splitstack trainer: Lightning training jobs, their registration and event-driven retraining."""
