@@ -1,6 +1,7 @@
 """Downloaded artifacts on local disk, addressed by their SHA-256.
 
-`ArtifactCache.obtain(sha256, download)` returns `<root>/sha256/<digest>/model.onnx`. A file already
+`ArtifactCache.obtain(sha256, download)` returns `<root>/sha256/<digest>/model.onnx` (`model.plan` when
+the caller names that file: a TensorRT engine). A file already
 there is reused only when its content still has that digest (a damaged one is downloaded again).
 A download goes to a private temporary file beside its final place while it is hashed; only when
 the digest (and the size, when known) matches is it renamed into place, so nothing unverified is
@@ -37,16 +38,17 @@ class ArtifactCache:
         self.root = Path(root)
         self._locks: dict[str, asyncio.Lock] = {}
 
-    def path_for(self, sha256: str) -> Path:
-        """Where the artifact with this digest lives once verified."""
+    def path_for(self, sha256: str, file_name: str = ARTIFACT_FILE) -> Path:
+        """Where the artifact with this digest lives once verified (as `file_name`)."""
         if not SHA256_RULE.match(sha256):
             raise ModelLoadError(f"{sha256!r} is not a SHA-256 digest (64 lowercase hex characters)")
-        return self.root / "sha256" / sha256 / ARTIFACT_FILE
+        return self.root / "sha256" / sha256 / file_name
 
-    async def obtain(self, sha256: str, download: Callable[[], AsyncIterator[bytes]], size_bytes: int = -1) -> Path:
+    async def obtain(self, sha256: str, download: Callable[[], AsyncIterator[bytes]], size_bytes: int = -1,
+                     file_name: str = ARTIFACT_FILE) -> Path:
         """The verified file with digest `sha256`: the cached one, or the chunks of `download()` written
         and verified (ModelLoadError when their digest or size differs; nothing is kept then)."""
-        path = self.path_for(sha256)
+        path = self.path_for(sha256, file_name)
         async with self._locks.setdefault(sha256, asyncio.Lock()):
             if await asyncio.to_thread(_verified, path, sha256):
                 log.info("artifact %s: using the cached copy", sha256[:12])

@@ -2,8 +2,9 @@
 
 `RegistryModelSource` is the `ModelSource` of registry mode. A version is served through the
 serving choice the registry holds for this server's target (write-once, so once known it is
-remembered); a version without one for the target, or whose chosen artifact is not an ONNX model,
-is not servable here (`NotServable`, a ModelLoadError). The artifact is downloaded by digest into
+remembered); a version without one for the target, or whose chosen artifact is neither an ONNX
+model nor a TensorRT plan (or is a plan and this replica cannot run TensorRT: refused before the
+download), is not servable here (`NotServable`, a ModelLoadError). The artifact is downloaded by digest into
 the `ArtifactCache`, which verifies its SHA-256 before the file is visible; the repository then
 checks it again before loading. Only gRPC reaches the registry (`splitstack.registry.v1.Registry`).
 """
@@ -25,12 +26,14 @@ from splitstack.registry.v1 import registry_pb2_grpc
 
 from splitstack_serving.backend import ModelLoadError
 from splitstack_serving.cache import ArtifactCache
-from splitstack_serving.source import LocalModel
+from splitstack_serving.source import MODEL_FILE, PLAN_FILE, LocalModel
+from splitstack_serving.tensorrt_backend import detect_capability
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ALIAS = "production"
-SERVABLE_KINDS = (common_pb2.ONNX,)
+ARTIFACT_FILES = {common_pb2.ONNX: MODEL_FILE, common_pb2.TENSORRT_PLAN: PLAN_FILE}  # kind -> cached file name
+SERVABLE_KINDS = tuple(ARTIFACT_FILES)
 
 
 class NotServable(ModelLoadError):
@@ -132,15 +135,25 @@ class RegistryModelSource:
         if artifact.kind not in SERVABLE_KINDS:
             raise NotServable(f"model '{name}' version {version}: the serving choice for target '{self.target}' is "
                               f"a {common_pb2.ArtifactKind.Name(artifact.kind)} artifact; this server loads "
-                              "ONNX models only", version)
+                              "ONNX models and TensorRT plans only", version)
+        if artifact.kind == common_pb2.TENSORRT_PLAN:
+            _check_tensorrt(name, version)
 
         def chunks() -> AsyncIterator[bytes]:
             call = self.stub.DownloadArtifact(pb.DownloadArtifactRequest(sha256=artifact.sha256),
                                               timeout=self.download_timeout)
             return _artifact_chunks(call, name, version, artifact.sha256)
 
-        path = await self.cache.obtain(artifact.sha256, chunks, artifact.size_bytes)
+        path = await self.cache.obtain(artifact.sha256, chunks, artifact.size_bytes, ARTIFACT_FILES[artifact.kind])
         return LocalModel(name, str(version), path, artifact.sha256)
+
+
+def _check_tensorrt(name: str, version: int) -> None:
+    """Refuse a plan before downloading it where TensorRT cannot run it."""
+    capability = detect_capability()
+    if not capability.available:
+        raise NotServable(f"model '{name}' version {version}: the serving choice is a TensorRT plan and this "
+                          f"replica cannot serve TensorRT plans: {capability.reason}; not servable here", version)
 
 
 async def _artifact_chunks(call: grpc.aio.UnaryStreamCall, name: str, version: int,

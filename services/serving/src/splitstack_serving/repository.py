@@ -1,11 +1,12 @@
 """The loaded models: several models and versions at once, each version with its own batcher.
 
 `load(name, version)` fetches the artifact from the `ModelSource`, verifies its SHA-256 when the
-source gives one, builds the ONNX Runtime session, warms it up, and only then makes it the
-model's current version, in one step on the event loop: requests resolved before the step
-finish on the version they resolved to, which is released once its last one is done. A failed
-load changes nothing that serves (the previous version stays current) and is reported by
-`index()`; so is a fetch the source refuses (`ModelLoadError`: not servable here, wrong digest).
+source gives one, opens it (an ONNX Runtime session; a TensorRT engine for a `model.plan`), warms
+it up, and only then makes it the model's current version, in one step on the event loop:
+requests resolved before the step finish on the version they resolved to, which is released
+once its last one is done. A failed load changes nothing that serves (the previous version
+stays current) and is reported by `index()`; so is a fetch the source refuses
+(`ModelLoadError`: not servable here, wrong digest).
 Anything `resolve` returns is loaded *and* warmed, so readiness is `resolve` success. Swap
 listeners (`on_swap`) hear of every version made current, after the swap (model.deployed).
 """
@@ -29,6 +30,7 @@ from splitstack_serving.backend import BackendOptions, ModelLoadError, OnnxModel
 from splitstack_serving.batching import BatchPolicy, DynamicBatcher
 from splitstack_serving.source import LocalModel, ModelSource, version_order
 from splitstack_serving.stats import InferenceStats
+from splitstack_serving.tensorrt_backend import PLAN_FILE, TensorRtModel
 from splitstack_serving.tensors import ModelSignature
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,7 @@ UNAVAILABLE = "UNAVAILABLE"
 HASH_CHUNK_BYTES = 1 << 20
 _NO_VERSIONS: MappingProxyType = MappingProxyType({})
 
+ServedModel = OnnxModel | TensorRtModel
 SwapListener = Callable[["ModelVersion", str], Awaitable[None]]  # (now current, previous current version or "")
 
 
@@ -50,7 +53,7 @@ class ModelVersion:
     version: str
     sha256: str
     path: Path
-    model: OnnxModel
+    model: ServedModel
     signature: ModelSignature
     policy: BatchPolicy
     batcher: DynamicBatcher
@@ -117,6 +120,23 @@ def policy_for(default: BatchPolicy, config: model_config_pb2.ModelConfig | None
             policy = replace(policy, instances=config.instance_group[0].count)
     if not batchable:
         policy = replace(policy, max_batch_size=0, batching=False)
+    return policy
+
+
+def open_model(path: Path, options: BackendOptions) -> ServedModel:
+    """Open an artifact with the backend its file name says: a TensorRT plan or an ONNX model (blocking)."""
+    if path.name == PLAN_FILE:
+        return TensorRtModel.open(path, options)
+    return OnnxModel.open(path, options)
+
+
+def engine_batch_limit(policy: BatchPolicy, model: ServedModel) -> BatchPolicy:
+    """The policy within what the engine was built for (a plan's profile caps the batch; ONNX: no cap)."""
+    limit = getattr(model, "max_batch_limit", 0)
+    if limit > 0 and policy.max_batch_size > limit:
+        log.warning("max_batch_size %d exceeds the engine's profile maximum %d; using %d",
+                    policy.max_batch_size, limit, limit)
+        return replace(policy, max_batch_size=limit)
     return policy
 
 
@@ -242,9 +262,10 @@ class ModelRepository:
         if local.sha256 and sha256 != local.sha256:
             raise ModelLoadError(f"model '{local.name}' version {local.version}: {local.path.name} has sha256 "
                                  f"{sha256}, expected {local.sha256}; refusing to load it")
-        model = await asyncio.to_thread(OnnxModel.open, local.path, self.options)
+        model = await asyncio.to_thread(open_model, local.path, self.options)
         try:
-            policy = policy_for(self.default_policy, config or local.config, model.batchable)
+            policy = engine_batch_limit(policy_for(self.default_policy, config or local.config, model.batchable),
+                                        model)
             await asyncio.to_thread(model.warm_up, policy.max_batch_size)
         except BaseException:
             model.close()
@@ -252,7 +273,7 @@ class ModelRepository:
         return self._serving_version(local, sha256, model, policy)
 
     @staticmethod
-    def _serving_version(local: LocalModel, sha256: str, model: OnnxModel, policy: BatchPolicy) -> ModelVersion:
+    def _serving_version(local: LocalModel, sha256: str, model: ServedModel, policy: BatchPolicy) -> ModelVersion:
         stats = InferenceStats()
         model_metrics = metrics.model_metrics(local.name)
         label = f"model '{local.name}' version {local.version}"

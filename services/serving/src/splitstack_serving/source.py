@@ -6,6 +6,7 @@ repository verifies before loading anything. `DirectoryModelSource` reads a Trit
 
     <model_dir>/<name>/config.pbtxt            optional: the model's ModelConfig (text format)
     <model_dir>/<name>/<version>/model.onnx    versions are positive integers; latest = highest
+    <model_dir>/<name>/<version>/model.plan    instead of model.onnx: a TensorRT engine
     <model_dir>/<name>/<version>/model.onnx.sha256   optional: the expected digest (hex)
 
 A registry-backed source (aliases, digest-verified downloads into a cache) fits the same interface.
@@ -27,6 +28,8 @@ from splitstack.contracts.names import check_name, parse_version
 from splitstack_serving.backend import ModelLoadError
 
 MODEL_FILE = "model.onnx"
+PLAN_FILE = "model.plan"
+MODEL_FILES = (MODEL_FILE, PLAN_FILE)  # a version directory's artifact, in this order of preference
 DIGEST_SUFFIX = ".sha256"
 CONFIG_FILE = "config.pbtxt"
 
@@ -83,7 +86,7 @@ class DirectoryModelSource:
     @staticmethod
     def _versions(model_dir: Path) -> list[str]:
         found = [entry.name for entry in model_dir.iterdir()
-                 if entry.name.isdigit() and (entry / MODEL_FILE).is_file()]
+                 if entry.name.isdigit() and _artifact_in(entry) is not None]
         return sorted(found, key=version_order)
 
     def _find(self, name: str, version: str) -> LocalModel:
@@ -91,7 +94,8 @@ class DirectoryModelSource:
         model_dir = self.root / name
         versions = self._versions(model_dir) if model_dir.is_dir() else []
         if not versions:
-            raise NotFound(f"no model '{name}' under {self.root} (expected {name}/<version>/{MODEL_FILE})")
+            raise NotFound(f"no model '{name}' under {self.root} "
+                           f"(expected {name}/<version>/{MODEL_FILE} or {PLAN_FILE})")
         if version:
             _check_version(version)
             if version not in versions:
@@ -99,8 +103,16 @@ class DirectoryModelSource:
                                f"(versions: {', '.join(versions)})")
         else:
             version = versions[-1]
-        path = model_dir / version / MODEL_FILE
+        path = _artifact_in(model_dir / version)
         return LocalModel(name, version, path, _expected_digest(path), _read_config(model_dir / CONFIG_FILE))
+
+
+def _artifact_in(version_dir: Path) -> Path | None:
+    """The model file of a version directory (model.onnx, else model.plan), or None."""
+    for file_name in MODEL_FILES:
+        if (version_dir / file_name).is_file():
+            return version_dir / file_name
+    return None
 
 
 def _check_version(version: str) -> None:
