@@ -372,3 +372,23 @@ async def test_sqlite_writers_are_not_stalled_by_a_slow_publish(tmp_path: Path) 
     assert await asyncio.wait_for(relaying, 10) == 1
     assert pending_count(engine, outbox) == 1
     engine.dispose()
+
+
+def test_chassis_sqlite_engine_uses_wal_and_lets_readers_in_beside_a_writer(tmp_path: Path) -> None:
+    from splitstack.chassis.db import READ_ONLY_OPTION, open_engine
+
+    engine = open_engine(f"sqlite:///{tmp_path / 'nested' / 'state.db'}")
+    child.metadata.create_all(engine)
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    writer = engine.connect()
+    writer.begin()  # BEGIN IMMEDIATE: holds the write lock until commit
+    try:
+        with engine.connect() as reader:
+            reader.execution_options(**{READ_ONLY_OPTION: True})
+            with reader.begin():
+                assert reader.execute(select(outbox)).all() == []
+    finally:
+        writer.rollback()
+        writer.close()
+    engine.dispose()

@@ -13,7 +13,8 @@ from sqlalchemy import select
 from splitstack.chassis.outbox import Outbox
 from splitstack.converter.v1 import converter_pb2 as pb
 from splitstack.events.v1 import events_pb2
-from splitstack_converter.store import ConversionStore, conversion_id, open_engine, outbox
+from splitstack.chassis.db import open_engine
+from splitstack_converter.store import ConversionStore, conversion_id, outbox
 
 LEASE = dt.timedelta(seconds=30)
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)

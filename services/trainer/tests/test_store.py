@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from splitstack.chassis.db import open_engine
 from splitstack.chassis.outbox import Outbox
 from splitstack.trainer.v1 import trainer_pb2 as pb
 from splitstack_trainer import store as tables
@@ -25,7 +26,7 @@ from splitstack_trainer.store import Database, Store, utcnow
 @pytest.fixture(params=["sqlite", "postgres"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
     url = f"sqlite:///{tmp_path / 'trainer.db'}" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
-    engine = tables.open_engine(url)
+    engine = open_engine(url)
     store = Store(engine, Outbox(tables.outbox, "trainer/test"))
     store.create_schema()
     yield store

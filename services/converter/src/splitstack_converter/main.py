@@ -19,6 +19,7 @@ from pathlib import Path
 
 from splitstack.chassis.bus import connect_bus
 from splitstack.chassis.config import ConfigError
+from splitstack.chassis.db import open_engine
 from splitstack.chassis.outbox import Outbox, OutboxRelay
 from splitstack.chassis.server import ServiceRuntime, run_service
 from splitstack.chassis.tls import client_channel
@@ -74,16 +75,6 @@ def policy_for(settings: ConverterSettings, target: common_pb2.InferenceTarget) 
                   switch_margin=settings.switch_margin, producer=settings.producer)
 
 
-async def run_relay(relay: OutboxRelay) -> None:
-    """Run the relay; when the runtime cancels this task, let the batch in flight finish first."""
-    running = asyncio.create_task(relay.run(), name="outbox-relay-loop")
-    try:
-        await asyncio.shield(running)
-    except asyncio.CancelledError:
-        await relay.stop(RELAY_STOP_SECONDS)
-        raise
-
-
 async def build(settings: ConverterSettings) -> ServiceRuntime:
     """Everything the converter runs, owned by one ServiceRuntime (call `serve()` on it)."""
     runtime = ServiceRuntime(settings, SERVICE_NAME)
@@ -99,7 +90,7 @@ async def _assemble(runtime: ServiceRuntime, settings: ConverterSettings) -> Non
     quiet_libraries()
     targets = load_targets(settings)
     target = targets[settings.target]
-    engine = tables.open_engine(settings.database_url)
+    engine = open_engine(settings.database_url)
     runtime.exit_stack.callback(engine.dispose)
     store = tables.ConversionStore(engine, Outbox(tables.outbox, settings.producer))
     await asyncio.to_thread(store.create_schema)
@@ -111,7 +102,7 @@ async def _assemble(runtime: ServiceRuntime, settings: ConverterSettings) -> Non
     runtime.exit_stack.push_async_callback(bus.close)
     await bus.ensure_streams()
     relay = OutboxRelay(engine, tables.outbox, bus, poll_interval=settings.relay_poll_seconds)
-    runtime.start_task(run_relay(relay), name="outbox-relay")
+    runtime.start_task(relay.run_until_cancelled(RELAY_STOP_SECONDS), name="outbox-relay")
     registry = RegistryClient(channel, settings.registry_timeout_seconds)
     core = Converter(settings, targets, store, registry, policy_for(settings, target), executor, relay.wake)
     consumer = CONSUMERS["converter"].for_target(target.id)

@@ -18,19 +18,16 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from google.protobuf.message import Message
 from sqlalchemy import (BigInteger, Column, Connection, DateTime, Engine, Index, Integer, LargeBinary, MetaData,
-                        String, Table, Text, create_engine, event, insert, select, tuple_, update)
-from sqlalchemy.engine import make_url
+                        String, Table, Text, insert, select, tuple_, update)
 from sqlalchemy.exc import IntegrityError
 
 from splitstack.chassis.outbox import Outbox, outbox_table
 from splitstack.converter.v1 import converter_pb2 as pb
 
-SQLITE_BUSY_SECONDS = 30.0
 TERMINAL = (pb.SUCCEEDED, pb.FAILED)
 
 metadata = MetaData()
@@ -59,27 +56,6 @@ def utcnow() -> dt.datetime:
 
 def conversion_id(model: str, version: int, target: str) -> str:
     return f"{model}.{version}.{target}"
-
-
-def open_engine(url: str) -> Engine:
-    """An engine for `url`: SQLite with WAL, a busy timeout and IMMEDIATE writes; or PostgreSQL."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
-    if parsed.database and parsed.database != ":memory:":
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_SECONDS})
-    event.listen(engine, "connect", _sqlite_connect)
-    event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
-    return engine
-
-
-def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
-    dbapi_connection.isolation_level = None  # the "begin" listener emits BEGIN IMMEDIATE itself
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_SECONDS * 1000)}")
-    cursor.close()
 
 
 def _aware(value: dt.datetime | None) -> dt.datetime | None:
@@ -309,5 +285,5 @@ class ConversionStore:
         return lambda conn: self.outbox.add(conn, subject, payload, event_id=event_id)
 
 
-__all__ = ["Claim", "ConversionStore", "Stored", "conversion_id", "conversions", "metadata", "open_engine",
+__all__ = ["Claim", "ConversionStore", "Stored", "conversion_id", "conversions", "metadata",
            "outbox", "utcnow"]

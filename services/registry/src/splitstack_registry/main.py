@@ -29,16 +29,6 @@ log = logging.getLogger(__name__)
 RELAY_STOP_SECONDS = 5.0
 
 
-async def run_relay(relay: OutboxRelay) -> None:
-    """Run the relay; when the runtime cancels this task, let the batch in flight finish first."""
-    running = asyncio.create_task(relay.run(), name="outbox-relay-loop")
-    try:
-        await asyncio.shield(running)
-    except asyncio.CancelledError:
-        await relay.stop(RELAY_STOP_SECONDS)
-        raise
-
-
 async def build(settings: RegistrySettings) -> ServiceRuntime:
     """Everything the registry runs, owned by one ServiceRuntime (call `serve()` on it)."""
     runtime = ServiceRuntime(settings, SERVICE_NAME)
@@ -61,7 +51,7 @@ async def _assemble(runtime: ServiceRuntime, settings: RegistrySettings) -> None
     runtime.exit_stack.push_async_callback(bus.close)
     await bus.ensure_streams()
     relay = OutboxRelay(engine, tables.outbox, bus, poll_interval=settings.relay_poll_seconds)
-    runtime.start_task(run_relay(relay), name="outbox-relay")
+    runtime.start_task(relay.run_until_cancelled(RELAY_STOP_SECONDS), name="outbox-relay")
     core = Registry(Store(engine, Outbox(tables.outbox, settings.producer)), blobs,
                     max_upload_bytes=settings.max_upload_bytes, chunk_bytes=settings.chunk_bytes,
                     on_events=relay.wake)

@@ -16,17 +16,15 @@ Everything here is synchronous SQLAlchemy Core; the core calls it from its own d
 from __future__ import annotations
 
 import logging
-import sqlite3
-import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, TypeVar
 
 from google.protobuf import message as pb_message
-from sqlalchemy import Connection, Engine, Row, create_engine, delete, event, func, insert, select, update
-from sqlalchemy.engine import make_url
+from sqlalchemy import Connection, Engine, Row, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from splitstack.chassis.db import READ_ONLY_OPTION
+from splitstack.chassis.db import open_engine as open_chassis_engine
 from splitstack.chassis.outbox import Outbox
 from splitstack.registry.v1 import registry_pb2 as pb
 from splitstack_registry import records, tables as t
@@ -34,56 +32,12 @@ from splitstack_registry import records, tables as t
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-SQLITE_BUSY_SECONDS = 30.0
 WRITE_ATTEMPTS = 3
-READ_ONLY_OPTION = "registry_read_only"
 
 
 def open_engine(url: str) -> Engine:
-    """An engine for `url`: SQLite with WAL, foreign keys, a busy timeout and IMMEDIATE writes; or PostgreSQL."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8)
-    if parsed.database and parsed.database != ":memory:":
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_SECONDS})
-    event.listen(engine, "connect", _sqlite_connect)
-    event.listen(engine, "begin", _sqlite_begin)
-    return engine
-
-
-def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
-    dbapi_connection.isolation_level = None  # the "begin" listener below emits BEGIN itself
-    cursor = dbapi_connection.cursor()
-    cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_SECONDS * 1000)}")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    _use_wal(cursor)
-    cursor.close()
-
-
-def _use_wal(cursor: Any) -> None:
-    """Switch a database file to WAL (once; the mode persists in the file).
-
-    The switch needs an exclusive lock, and SQLite answers "database is locked" at once, without
-    waiting, when connections of several processes race for it on a fresh file; so retry a while.
-    """
-    if cursor.execute("PRAGMA journal_mode").fetchone()[0] in ("wal", "memory"):
-        return
-    deadline = time.monotonic() + SQLITE_BUSY_SECONDS
-    while True:
-        try:
-            cursor.execute("PRAGMA journal_mode=WAL")
-            return
-        except sqlite3.OperationalError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
-def _sqlite_begin(conn: Connection) -> None:
-    """Writers (the default, the outbox relay included) take the write lock at BEGIN; readers do not."""
-    read_only = conn.get_execution_options().get(READ_ONLY_OPTION, False)
-    conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+    """The registry's engine (chassis defaults, foreign keys enforced on SQLite too)."""
+    return open_chassis_engine(url, foreign_keys=True)
 
 
 class Store:

@@ -23,6 +23,7 @@ import torch
 
 from splitstack.chassis.bus import connect_bus
 from splitstack.chassis.config import ConfigError
+from splitstack.chassis.db import open_engine
 from splitstack.chassis.outbox import Outbox, OutboxRelay
 from splitstack.chassis.server import ServiceRuntime, run_service
 from splitstack.chassis.tls import client_channel
@@ -74,16 +75,6 @@ def build_executors(settings: TrainerSettings) -> dict[str, Executor]:
     return executors
 
 
-async def run_relay(relay: OutboxRelay) -> None:
-    """Run the relay; when the runtime cancels this task, let the batch in flight finish first."""
-    running = asyncio.create_task(relay.run(), name="outbox-relay-loop")
-    try:
-        await asyncio.shield(running)
-    except asyncio.CancelledError:
-        await relay.stop(RELAY_STOP_SECONDS)
-        raise
-
-
 async def build(settings: TrainerSettings) -> ServiceRuntime:
     """Everything the trainer runs, owned by one ServiceRuntime (call `serve()` on it)."""
     runtime = ServiceRuntime(settings, SERVICE_NAME)
@@ -98,7 +89,7 @@ async def build(settings: TrainerSettings) -> ServiceRuntime:
 async def _assemble(runtime: ServiceRuntime, settings: TrainerSettings) -> None:
     profiles = load_profiles(settings)
     executors = build_executors(settings)
-    engine = tables.open_engine(settings.database_url)
+    engine = open_engine(settings.database_url)
     runtime.exit_stack.callback(engine.dispose)
     store = tables.Store(engine, Outbox(tables.outbox, settings.producer))
     await asyncio.to_thread(store.create_schema)
@@ -108,7 +99,7 @@ async def _assemble(runtime: ServiceRuntime, settings: TrainerSettings) -> None:
     runtime.exit_stack.push_async_callback(bus.close)
     await bus.ensure_streams()
     relay = OutboxRelay(engine, tables.outbox, bus, poll_interval=settings.relay_poll_seconds)
-    runtime.start_task(run_relay(relay), name="outbox-relay")
+    runtime.start_task(relay.run_until_cancelled(RELAY_STOP_SECONDS), name="outbox-relay")
     db = tables.Database(store, relay.wake)
     runtime.exit_stack.callback(db.close)
     trainer = _core(settings, profiles, executors, db, RegistryClient(channel, settings.registry_timeout_seconds))

@@ -18,27 +18,23 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import sqlite3
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from pathlib import Path
 from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 from sqlalchemy import (BigInteger, Column, Connection, DateTime, Engine, Index, Integer, LargeBinary, MetaData,
-                        String, Table, Text, and_, create_engine, delete, event, func, insert, or_, select, update)
-from sqlalchemy.engine import Row, make_url
+                        String, Table, Text, and_, delete, func, insert, or_, select, update)
+from sqlalchemy.engine import Row
 from sqlalchemy.exc import OperationalError
 
+from splitstack.chassis.db import READ_ONLY_OPTION
 from splitstack.chassis.errors import Unavailable
 from splitstack.chassis.outbox import Outbox, outbox_table
 from splitstack.trainer.v1 import trainer_pb2 as pb
 
 T = TypeVar("T")
-SQLITE_BUSY_SECONDS = 30.0
-READ_ONLY_OPTION = "trainer_read_only"
 ACTIVE = (pb.QUEUED, pb.RUNNING)
 TERMINAL = (pb.SUCCEEDED, pb.FAILED, pb.CANCELLED)
 
@@ -100,39 +96,6 @@ def aware(value: dt.datetime | None) -> dt.datetime | None:
     if value is None or value.tzinfo is not None:
         return value
     return value.replace(tzinfo=dt.timezone.utc)
-
-
-def open_engine(url: str) -> Engine:
-    """An engine for `url`: SQLite with WAL, a busy timeout and IMMEDIATE writes; or PostgreSQL."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8)
-    if parsed.database and parsed.database != ":memory:":
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_SECONDS})
-    event.listen(engine, "connect", _sqlite_connect)
-    event.listen(engine, "begin", _sqlite_begin)
-    return engine
-
-
-def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
-    dbapi_connection.isolation_level = None  # the "begin" listener emits BEGIN itself
-    cursor = dbapi_connection.cursor()
-    cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_SECONDS * 1000)}")
-    deadline = time.monotonic() + SQLITE_BUSY_SECONDS
-    while cursor.execute("PRAGMA journal_mode").fetchone()[0] not in ("wal", "memory"):
-        try:
-            cursor.execute("PRAGMA journal_mode=WAL")
-        except sqlite3.OperationalError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-    cursor.close()
-
-
-def _sqlite_begin(conn: Connection) -> None:
-    """Writers (the outbox relay included) take the write lock at BEGIN; readers do not."""
-    conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READ_ONLY_OPTION) else "BEGIN IMMEDIATE")
 
 
 class Store:

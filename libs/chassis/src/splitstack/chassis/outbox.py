@@ -178,6 +178,15 @@ class OutboxRelay:
             if published < self._batch_size:
                 await self._sleep(self._poll_interval, wakeable=True)
 
+    async def run_until_cancelled(self, stop_timeout: float = 5.0) -> None:
+        """`run()` as a service's background task: when cancelled, finish the batch in flight first."""
+        running = asyncio.create_task(self.run(), name=f"outbox-relay-{self._table.name}")
+        try:
+            await asyncio.shield(running)
+        except asyncio.CancelledError:
+            await self.stop(stop_timeout)
+            raise
+
     def wake(self) -> None:
         """Relay now instead of at the next poll; call after committing events (any thread)."""
         loop = self._loop
