@@ -10,10 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
-import os
-import subprocess
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -24,8 +20,7 @@ import grpc
 import nats
 import nats.js.errors
 
-from splitstack.chassis.faults import crash_env, crash_point_hit
-from splitstack.chassis.testing.servers import find_binary
+from splitstack.chassis.testing.processes import ServiceProcess, launch_service, spawn_service
 from splitstack.common.v1 import common_pb2 as common
 from splitstack.contracts import handoff
 from splitstack.contracts.envelope import MSG_ID_HEADER, Event, unwrap
@@ -34,86 +29,11 @@ from splitstack.registry.v1 import registry_pb2_grpc
 
 MIB = 1024 * 1024
 START_TIMEOUT_SECONDS = 90.0
-STOP_TIMEOUT_SECONDS = 20.0
 RPC_TIMEOUT_SECONDS = 60.0
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * MIB), ("grpc.max_send_message_length", 64 * MIB)]
 
 
 # ---- processes ---------------------------------------------------------------------------------------
-
-@dataclass
-class ServiceProcess:
-    """One running (or dead) service process started by a test."""
-
-    name: str
-    proc: subprocess.Popen
-    port: int
-    log_path: Path
-    marker_dir: Path | None = None
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def crashed_at(self, point: str) -> bool:
-        return self.marker_dir is not None and crash_point_hit(self.marker_dir, point)
-
-    def stop(self, timeout: float = STOP_TIMEOUT_SECONDS) -> int:
-        """SIGTERM and wait (SIGKILL after `timeout`)."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout)
-        return self.proc.returncode
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-
-def spawn(command: str, name: str, run_dir: Path, env: Mapping[str, str], cwd: Path,
-          crash_points: Iterable[str] = ()) -> tuple[subprocess.Popen, Path, Path, Path | None]:
-    """Start `command` with only the SPLITSTACK_* variables in `env`; (proc, ready file, log, marker dir)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cwd.mkdir(parents=True, exist_ok=True)
-    ready, log_path = run_dir / f"{name}.ready.json", run_dir / f"{name}.log"
-    ready.unlink(missing_ok=True)
-    full = {k: v for k, v in os.environ.items() if not k.startswith("SPLITSTACK_")}
-    full.update(env)
-    full["PYTHONUNBUFFERED"] = "1"
-    marker_dir = None
-    points = list(crash_points)
-    if points:
-        marker_dir = run_dir / f"markers-{name}"
-        marker_dir.mkdir(exist_ok=True)
-        full.update(crash_env(points, marker_dir))
-    prefix = "SPLITSTACK_REGISTRY" if command == "splitstack-registry" else "SPLITSTACK_CONVERTER"
-    full[f"{prefix}_READY_FILE"] = str(ready)
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen([find_binary(command)], env=full, cwd=cwd, stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=subprocess.STDOUT)
-    return proc, ready, log_path, marker_dir
-
-
-def wait_ready(name: str, proc: subprocess.Popen, ready: Path, log_path: Path,
-               timeout: float = START_TIMEOUT_SECONDS) -> int:
-    """The gRPC port from the ready file; fail with the log if the process dies or times out first."""
-    deadline = time.monotonic() + timeout
-    while not ready.exists():
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited with {proc.returncode} before it was ready; log:\n"
-                               f"{log_path.read_text(errors='replace')[-8000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise TimeoutError(f"{name} not ready within {timeout}s; log:\n{log_path.read_text(errors='replace')[-8000:]}")
-        time.sleep(0.05)
-    return json.loads(ready.read_text())["grpc_port"]
-
 
 def start_registry(root: Path, nats_url: str) -> ServiceProcess:
     """A registry on SQLite + a local artifact directory under `root`."""
@@ -122,8 +42,8 @@ def start_registry(root: Path, nats_url: str) -> ServiceProcess:
            "SPLITSTACK_REGISTRY_ARTIFACT_DIR": str(root / "artifacts"),
            "SPLITSTACK_REGISTRY_RELAY_POLL_SECONDS": "0.2",
            "SPLITSTACK_REGISTRY_SHUTDOWN_GRACE_SECONDS": "5"}
-    proc, ready, log_path, _ = spawn("splitstack-registry", "registry", root / "run", env, root)
-    return ServiceProcess("registry", proc, wait_ready("registry", proc, ready, log_path), log_path)
+    return spawn_service("splitstack-registry", "registry", root / "run", env, cwd=root,
+                         ready_timeout=START_TIMEOUT_SECONDS)
 
 
 # Fast measurement floors for the tests that do not assert which candidate is chosen.
@@ -144,7 +64,8 @@ class ConverterPool:
         self.processes: list[ServiceProcess] = []
         self._count = 0
 
-    def spawn(self, crash_points: Iterable[str] = (), **extra: str) -> tuple[str, Any]:
+    def spawn(self, crash_points: Iterable[str] = (), **extra: str) -> ServiceProcess:
+        """Start one more replica without waiting for it (see `wait`)."""
         self._count += 1
         name = f"converter-{self._count}"
         env = {"SPLITSTACK_NATS_URL": self.nats_url, "SPLITSTACK_REGISTRY_ADDR": self.registry_addr,
@@ -154,12 +75,11 @@ class ConverterPool:
                "SPLITSTACK_CONVERTER_SHUTDOWN_GRACE_SECONDS": "5",
                "SPLITSTACK_CONVERTER_RELAY_POLL_SECONDS": "0.2",
                "SPLITSTACK_CONVERTER_WATCH_POLL_SECONDS": "0.1", **self.extra_env, **extra}
-        started = spawn("splitstack-converter", name, self.root / "run", env, self.root, crash_points)
-        return name, started
+        return launch_service("splitstack-converter", name, self.root / "run", env, cwd=self.root,
+                              crash_points=crash_points)
 
-    def wait(self, spawned: tuple[str, Any]) -> ServiceProcess:
-        name, (proc, ready, log_path, marker_dir) = spawned
-        process = ServiceProcess(name, proc, wait_ready(name, proc, ready, log_path), log_path, marker_dir)
+    def wait(self, spawned: ServiceProcess) -> ServiceProcess:
+        process = spawned.wait_ready(START_TIMEOUT_SECONDS)
         self.processes.append(process)
         return process
 

@@ -12,10 +12,6 @@ import asyncio
 import contextlib
 import hashlib
 import io
-import json
-import os
-import subprocess
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -28,8 +24,7 @@ import nats.js.errors
 import numpy as np
 from sklearn.datasets import load_digits
 
-from splitstack.chassis.faults import crash_env, crash_point_hit
-from splitstack.chassis.testing.servers import find_binary
+from splitstack.chassis.testing.processes import ServiceProcess, spawn_service
 from splitstack.contracts.envelope import MSG_ID_HEADER, Event, unwrap
 from splitstack.registry.v1 import registry_pb2 as rpb
 from splitstack.registry.v1 import registry_pb2_grpc
@@ -38,7 +33,6 @@ from splitstack.trainer.v1 import trainer_pb2_grpc
 
 MIB = 1024 * 1024
 START_TIMEOUT_SECONDS = 90.0
-STOP_TIMEOUT_SECONDS = 20.0
 RPC_TIMEOUT_SECONDS = 60.0
 JOB_TIMEOUT_SECONDS = 120.0
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * MIB), ("grpc.max_send_message_length", 64 * MIB)]
@@ -60,78 +54,11 @@ SMALL_MLP = {"hidden": 32, "layers": 1}     # where a test does not need the 102
 
 # ---- processes -------------------------------------------------------------------------------------
 
-@dataclass
-class ServiceProcess:
-    """One running (or dead) service process started by a test."""
-
-    name: str
-    proc: subprocess.Popen
-    port: int
-    log_path: Path
-    marker_dir: Path | None = None
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def crashed_at(self, point: str) -> bool:
-        return self.marker_dir is not None and crash_point_hit(self.marker_dir, point)
-
-    def stop(self, timeout: float = STOP_TIMEOUT_SECONDS) -> int:
-        """SIGTERM and wait (SIGKILL after `timeout`)."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout)
-        return self.proc.returncode
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-
-def spawn(command: str, prefix: str, name: str, root: Path, env: Mapping[str, str],
+def spawn(command: str, name: str, root: Path, env: Mapping[str, str],
           crash_points: Iterable[str] = ()) -> ServiceProcess:
-    """Start console script `command` with only the SPLITSTACK_* variables in `env`; wait until ready."""
-    run_dir = root / "run"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ready, log_path = run_dir / f"{name}.ready.json", run_dir / f"{name}.log"
-    ready.unlink(missing_ok=True)
-    full = {k: v for k, v in os.environ.items() if not k.startswith("SPLITSTACK_")}
-    full.update(env)
-    full["PYTHONUNBUFFERED"] = "1"
-    full[f"{prefix}_READY_FILE"] = str(ready)
-    marker_dir = None
-    points = list(crash_points)
-    if points:
-        marker_dir = run_dir / f"markers-{name}"
-        marker_dir.mkdir(exist_ok=True)
-        full.update(crash_env(points, marker_dir))
-    with open(log_path, "ab") as log:
-        log.write(f"---- start {name} ----\n".encode())
-        log.flush()
-        proc = subprocess.Popen([find_binary(command)], env=full, cwd=root, stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=subprocess.STDOUT)
-    return ServiceProcess(name, proc, _wait_ready(name, proc, ready, log_path), log_path, marker_dir)
-
-
-def _wait_ready(name: str, proc: subprocess.Popen, ready: Path, log_path: Path) -> int:
-    deadline = time.monotonic() + START_TIMEOUT_SECONDS
-    while not ready.exists():
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited with {proc.returncode} before it was ready; log:\n"
-                               f"{log_path.read_text(errors='replace')[-8000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise TimeoutError(f"{name} not ready in {START_TIMEOUT_SECONDS}s; log:\n"
-                               f"{log_path.read_text(errors='replace')[-8000:]}")
-        time.sleep(0.05)
-    return json.loads(ready.read_text())["grpc_port"]
+    """Start console script `command` under `root` (logs in `root/run`) and wait until it is ready."""
+    return spawn_service(command, name, root / "run", env, cwd=root, crash_points=crash_points,
+                         ready_timeout=START_TIMEOUT_SECONDS)
 
 
 def start_registry(root: Path, nats_url: str) -> ServiceProcess:
@@ -139,7 +66,7 @@ def start_registry(root: Path, nats_url: str) -> ServiceProcess:
     env = {"SPLITSTACK_NATS_URL": nats_url, "SPLITSTACK_REGISTRY_DATABASE_URL": f"sqlite:///{root / 'registry.db'}",
            "SPLITSTACK_REGISTRY_ARTIFACT_DIR": str(root / "artifacts"),
            "SPLITSTACK_REGISTRY_RELAY_POLL_SECONDS": "0.2", "SPLITSTACK_REGISTRY_SHUTDOWN_GRACE_SECONDS": "5"}
-    return spawn("splitstack-registry", "SPLITSTACK_REGISTRY", "registry", root, env)
+    return spawn("splitstack-registry", "registry", root, env)
 
 
 @dataclass
@@ -160,7 +87,7 @@ class TrainerLauncher:
 
     def start(self, crash_points: Iterable[str] = (), **extra: str) -> ServiceProcess:
         name = f"trainer-{len(self.started) + 1}"
-        process = spawn("splitstack-trainer", "SPLITSTACK_TRAINER", name, self.root, self.env(**extra), crash_points)
+        process = spawn("splitstack-trainer", name, self.root, self.env(**extra), crash_points)
         self.started.append(process)
         return process
 
