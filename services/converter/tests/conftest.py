@@ -16,7 +16,6 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -25,23 +24,9 @@ sys.path.insert(0, str(Path(__file__).parent))  # converter_models, converter_su
 from converter_models import HandOff, build  # noqa: E402
 from converter_support import FAST_PROFILE, ConverterPool, ServiceProcess, start_registry  # noqa: E402
 
+from splitstack.chassis.testing.fixtures import SERVICE_LOGS as STACKS  # noqa: E402
 from splitstack.chassis.testing.servers import NatsServer, start_nats  # noqa: E402
 
-STACKS = pytest.StashKey[list]()
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
-    report = yield
-    if report.failed:
-        for stack in item.stash.get(STACKS, []):
-            for label, path in stack.log_files():
-                try:
-                    text = Path(path).read_text(errors="replace")[-20000:]
-                except OSError as exc:
-                    text = f"(cannot read {path}: {exc})"
-                report.sections.append((f"log: {label}", text))
-    return report
 
 
 @pytest.fixture(scope="session")

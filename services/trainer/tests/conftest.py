@@ -28,23 +28,9 @@ from trainer_support import (  # noqa: E402
     open_event_log, start_registry,
 )
 
+from splitstack.chassis.testing.fixtures import SERVICE_LOGS as STACKS  # noqa: E402
 from splitstack.chassis.testing.servers import NatsServer, start_nats  # noqa: E402
 
-STACKS = pytest.StashKey[list]()
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
-    report = yield
-    if report.failed:
-        for stack in item.stash.get(STACKS, []):
-            for label, path in stack.log_files():
-                try:
-                    text = Path(path).read_text(errors="replace")[-15000:]
-                except OSError as exc:
-                    text = f"(cannot read {path}: {exc})"
-                report.sections.append((f"log: {label}", text))
-    return report
 
 
 @dataclass

@@ -4,6 +4,8 @@
 - `postgres_url`: a fresh, empty PostgreSQL database per test, from SPLITSTACK_TEST_POSTGRES_URL or
   the local server at 127.0.0.1:5432; skipped (with the reason printed) when none is reachable.
 - `s3_server`: a SeaweedFS S3 server on free ports, shared by the session; tests make their own buckets.
+- `SERVICE_LOGS`: append objects with `log_files() -> [(label, path)]` to `item.stash[SERVICE_LOGS]`
+  and a failing test's report carries the tail of each of those logs.
 """
 
 from __future__ import annotations
@@ -18,6 +20,23 @@ import pytest
 from splitstack.chassis.testing.servers import NatsServer, S3Server, start_nats, start_s3
 
 DEFAULT_TEST_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
+SERVICE_LOGS = pytest.StashKey[list]()
+LOG_TAIL_CHARS = 20000
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Attach the tail of every registered service log to a failing test's report."""
+    report = yield
+    if report.failed:
+        for owner in item.stash.get(SERVICE_LOGS, []):
+            for label, path in owner.log_files():
+                try:
+                    text = Path(path).read_text(errors="replace")[-LOG_TAIL_CHARS:]
+                except OSError as exc:
+                    text = f"(cannot read {path}: {exc})"
+                report.sections.append((f"log: {label}", text))
+    return report
 
 
 @pytest.fixture
