@@ -3,12 +3,15 @@
 On SQLite and PostgreSQL: an empty database migrates to head; the migrated schema equals
 tables.metadata (Alembic's autogenerate comparison finds no difference, so no table, column,
 index or constraint was forgotten, the chassis outbox table included); upgrading again is a
-no-op; replicas migrating at the same moment all succeed; and downgrade/upgrade round-trips.
+no-op; replicas migrating at the same moment all succeed; downgrade/upgrade round-trips; and a
+database written at an older revision keeps its rows (versions stored before promotion decisions
+existed come out undecided).
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +19,7 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, inspect
+from sqlalchemy import Engine, insert, inspect, select
 
 from splitstack_registry import tables
 from splitstack_registry.migrations import alembic_config, current_revision, head_revision, upgrade_to_head
@@ -79,3 +82,19 @@ def test_downgrade_to_base_and_back(engine: Engine) -> None:
     assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
     upgrade_to_head(engine)
     assert schema_differences(engine) == []
+
+
+def test_versions_stored_before_promotion_decisions_survive_the_upgrade_undecided(engine: Engine) -> None:
+    with engine.begin() as conn:
+        command.upgrade(alembic_config(conn), "0001_initial")
+    now = dt.datetime.now(dt.timezone.utc)
+    with engine.begin() as conn:
+        conn.execute(insert(tables.models).values(
+            name="digits", uid="u", spec=b"", policy=b"", policy_updated_at=now, last_version=1, created_at=now))
+        conn.execute(insert(tables.versions).values(
+            model="digits", version=1, state=2, lineage=b"", signature=b"", created_at=now))
+    assert upgrade_to_head(engine) == head_revision() and schema_differences(engine) == []
+    with engine.connect() as conn:
+        rows = conn.execute(select(tables.versions.c.model, tables.versions.c.version,
+                                   tables.versions.c.promotion)).all()
+    assert [tuple(r) for r in rows] == [("digits", 1, None)]

@@ -3,7 +3,8 @@
 Artifacts are immutable per key (kind, precision, target) within a version: the same key with the
 same digest is the same artifact, another digest is ALREADY_EXISTS. Training artifacts are added
 while a version is PENDING; conversion artifacts (ONNX, TensorRT plans) also after it is READY.
-A serving choice is write-once per (version, target) and announced as model.converted.
+A serving choice is write-once per (version, target) and announced as model.converted; the one
+that completes a version (every required target chosen) also has the promotion policy decide.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from sqlalchemy import Row
 from splitstack.chassis.errors import AlreadyExists, FailedPrecondition, NotFound
 from splitstack.common.v1 import common_pb2
 from splitstack.registry.v1 import registry_pb2 as pb
-from splitstack_registry import events, records
+from splitstack_registry import events, promotion, records
 from splitstack_registry.lookups import require_model, require_version
 from splitstack_registry.store import Tx
 from splitstack_registry.versions import kind_name
@@ -74,7 +75,9 @@ def artifact_by_key(tx: Tx, request: pb.DownloadArtifactRequest) -> pb.Artifact:
 
 
 def set_serving_choice(tx: Tx, request: pb.SetServingChoiceRequest) -> pb.ServingChoice:
-    """Write the serving choice of a READY version once and announce model.converted."""
+    """Write the serving choice of a READY version once and announce model.converted; when the choice
+    completes the version, the promotion policy decides in the same transaction (promotion.py)."""
+    model = require_model(tx, request.model, lock=True)  # serializes promotion decisions of the model
     row = require_version(tx, request.model, request.version, lock=True)
     detail = pb.ServingChoice(candidates=request.candidates, reason=request.reason)
     if tx.serving_choice_row(row.id, request.target) is not None:
@@ -86,7 +89,8 @@ def set_serving_choice(tx: Tx, request: pb.SetServingChoiceRequest) -> pb.Servin
     tx.insert_serving_choice(version_id=row.id, target=request.target, artifact_id=artifact_id,
                              detail=records.to_bytes(detail), created_at=records.utcnow())
     choice = _choice_for(tx, row, request.target)
-    events.model_converted(tx, require_model(tx, request.model).uid, choice)
+    events.model_converted(tx, model.uid, choice)
+    promotion.decide_if_complete(tx, model, request.version)
     return choice
 
 

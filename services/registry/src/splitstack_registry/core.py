@@ -9,7 +9,8 @@ relay is woken (`on_events`); a crash in between leaves the events pending for t
 
 The Registry checks what a request carries on its own (names, digests, enums, sizes) and runs the
 rest as one transaction whose body lives beside its kind of record: versions.py (models, versions,
-lineage), artifacts.py (artifacts, serving choices), datasets.py and aliases.py.
+lineage), artifacts.py (artifacts, serving choices), datasets.py and aliases.py; promotion.py
+evaluates the promotion policy inside the transaction that completes a version.
 """
 
 from __future__ import annotations

@@ -120,6 +120,7 @@ def version_record(row: Any, artifacts: Iterable[pb.Artifact], choices: Iterable
     merge_stored(version.signature, row.signature)
     _set_time(version, "created_at", row.created_at)
     _set_time(version, "finalized_at", row.finalized_at)
+    merge_stored(version.promotion, row.promotion)
     return version
 
 

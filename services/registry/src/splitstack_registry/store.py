@@ -3,10 +3,11 @@
 `Store.write(fn)` runs `fn(tx)` in one write transaction and commits; state and the outbox rows
 announcing it (`tx.add_event`) therefore commit together. On PostgreSQL the rows that order
 concurrent writers are locked with SELECT ... FOR UPDATE (`lock=True`): the model row while a
-version number is taken or an alias moves, the dataset row while a dataset version is numbered,
-the version row while it is finalized or gains artifacts and serving choices. On SQLite every
-write transaction begins IMMEDIATE (one writer at a time, waiting up to the busy timeout), so
-concurrent requests of one process queue instead of failing with "database is locked".
+version number is taken, an alias moves, a version is finalized or gains a serving choice (the
+promotion policy's decision), the dataset row while a dataset version is numbered, the version row
+while it is finalized or gains artifacts and serving choices (always after its model's row). On
+SQLite every write transaction begins IMMEDIATE (one writer at a time, waiting up to the busy
+timeout), so concurrent requests of one process queue instead of failing with "database is locked".
 Unique constraints back every rule that races could break; a write that loses such a race
 raises IntegrityError and `write` runs `fn` again, which then finds the winner's row.
 
@@ -134,6 +135,10 @@ class Tx:
         self.conn.execute(update(t.versions).where(t.versions.c.id == version_id)
                           .values(state=pb.READY, finalized_at=records.utcnow()))
 
+    def set_promotion(self, version_id: int, decision: bytes) -> None:
+        """Store the promotion decision of a version (made once, under the model row's lock)."""
+        self.conn.execute(update(t.versions).where(t.versions.c.id == version_id).values(promotion=decision))
+
     def version_rows(self, model: str, after: int, limit: int) -> Sequence[Row]:
         v = t.versions
         return self._all(select(v).where(v.c.model == model, v.c.version > after).order_by(v.c.version).limit(limit))
@@ -180,6 +185,11 @@ class Tx:
 
     def insert_serving_choice(self, **values: Any) -> int:
         return self._insert(t.serving_choices, **values)
+
+    def choice_targets(self, version_id: int) -> set[str]:
+        """The targets a version has serving choices for."""
+        s = t.serving_choices
+        return set(self.conn.execute(select(s.c.target).where(s.c.version_id == version_id)).scalars())
 
     def serving_choices(self, version: Row) -> list[pb.ServingChoice]:
         """The serving choices of a `versions` row, ordered by target."""

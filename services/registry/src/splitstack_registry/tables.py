@@ -62,6 +62,7 @@ versions = Table(
     Column("dataset_version", BigInteger, nullable=False, server_default="0"),
     _when("created_at"),
     _when("finalized_at", nullable=True),
+    Column("promotion", LargeBinary, nullable=True),        # PromotionDecision; NULL: not decided yet
     UniqueConstraint("model", "version", name="uq_versions_model_version"),
     UniqueConstraint("model", "idempotency_key", name="uq_versions_model_idempotency_key"),
 )

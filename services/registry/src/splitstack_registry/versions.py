@@ -15,7 +15,7 @@ from google.protobuf import message as pb_message
 from splitstack.chassis.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from splitstack.common.v1 import common_pb2
 from splitstack.registry.v1 import registry_pb2 as pb
-from splitstack_registry import events, records
+from splitstack_registry import events, promotion, records
 from splitstack_registry.lookups import require_dataset_version, require_model, require_version
 from splitstack_registry.store import Tx
 
@@ -100,7 +100,11 @@ def _resolved_lineage(tx: Tx, model: str, lineage: pb.Lineage) -> pb.Lineage:
 
 
 def finalize_version(tx: Tx, model: str, version: int) -> pb.ModelVersion:
-    """PENDING -> READY with model.registered in the same commit; READY stays as it is."""
+    """PENDING -> READY with model.registered in the same commit; READY stays as it is.
+
+    A model without required targets has its versions complete here: the promotion policy decides.
+    """
+    model_row = require_model(tx, model, lock=True)  # the order every writer locks in: model, then version
     row = require_version(tx, model, version, lock=True)
     if row.state == pb.READY:
         return tx.version_record(row)
@@ -111,8 +115,9 @@ def finalize_version(tx: Tx, model: str, version: int) -> pb.ModelVersion:
                                  f"{' and no '.join(missing)} artifact")
     tx.mark_ready(row.id)
     record = tx.version_record(require_version(tx, model, version))
-    model_row = require_model(tx, model)
     events.model_registered(tx, model_row.uid, records.model_record(model_row), record)
+    if promotion.decide_if_complete(tx, model_row, version) is not None:
+        record = tx.version_record(require_version(tx, model, version))
     return record
 
 
