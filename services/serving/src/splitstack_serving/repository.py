@@ -6,7 +6,9 @@ it up, and only then makes it the model's current version, in one step on the ev
 requests resolved before the step finish on the version they resolved to, which is released
 once its last one is done. A failed load changes nothing that serves (the previous version
 stays current) and is reported by `index()`; so is a fetch the source refuses
-(`ModelLoadError`: not servable here, wrong digest).
+(`ModelLoadError`: not servable here, wrong digest). Crash point `serving.mid_swap`: a loaded,
+warmed version has just replaced another as current, before the swap is announced and the old
+version released (a first load of a model, replacing nothing, does not pass it).
 Anything `resolve` returns is loaded *and* warmed, so readiness is `resolve` success. Swap
 listeners (`on_swap`) hear of every version made current, after the swap (model.deployed).
 """
@@ -23,6 +25,7 @@ from types import MappingProxyType
 
 from inference import model_config_pb2
 from splitstack.chassis.errors import NotFound
+from splitstack.chassis.faults import crash_point
 from splitstack.contracts.names import check_name
 
 from splitstack_serving import metrics
@@ -39,6 +42,7 @@ READY = "READY"
 LOADING = "LOADING"
 UNAVAILABLE = "UNAVAILABLE"
 HASH_CHUNK_BYTES = 1 << 20
+MID_SWAP = "serving.mid_swap"
 _NO_VERSIONS: MappingProxyType = MappingProxyType({})
 
 ServedModel = OnnxModel | TensorRtModel
@@ -220,6 +224,8 @@ class ModelRepository:
             finally:
                 self._loading.pop(name, None)
             replaced, previous = self._install(loaded, keep_previous)
+            if previous:
+                crash_point(MID_SWAP)
             metrics.count_load(name, ok=True)
             log.info("%s loaded and current (sha256 %s, max_batch_size %d, batching %s)", loaded.label,
                      loaded.sha256[:12], loaded.policy.max_batch_size, "on" if loaded.policy.batching else "off")
