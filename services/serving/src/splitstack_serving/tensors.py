@@ -16,14 +16,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from splitstack.chassis.errors import InvalidArgument
+from splitstack.contracts.datatypes import CONTENTS_FIELDS, NUMPY_DTYPE_NAMES
 
 # Protocol datatype -> numpy dtype, for every datatype served (BYTES and BF16 are not).
-NUMPY_DTYPES: dict[str, np.dtype] = {
-    "BOOL": np.dtype(np.bool_), "UINT8": np.dtype(np.uint8), "UINT16": np.dtype(np.uint16),
-    "UINT32": np.dtype(np.uint32), "UINT64": np.dtype(np.uint64), "INT8": np.dtype(np.int8),
-    "INT16": np.dtype(np.int16), "INT32": np.dtype(np.int32), "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16), "FP32": np.dtype(np.float32), "FP64": np.dtype(np.float64),
-}
+NUMPY_DTYPES: dict[str, np.dtype] = {name: np.dtype(dtype) for name, dtype in NUMPY_DTYPE_NAMES.items()}
 
 # ONNX Runtime's type strings -> protocol datatype.
 ORT_DATATYPES: dict[str, str] = {
@@ -31,14 +27,6 @@ ORT_DATATYPES: dict[str, str] = {
     "tensor(uint32)": "UINT32", "tensor(uint64)": "UINT64", "tensor(int8)": "INT8",
     "tensor(int16)": "INT16", "tensor(int32)": "INT32", "tensor(int64)": "INT64",
     "tensor(float16)": "FP16", "tensor(float)": "FP32", "tensor(double)": "FP64",
-}
-
-# The typed `InferTensorContents` field each datatype may use when raw contents are absent.
-CONTENTS_FIELDS: dict[str, str] = {
-    "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
-    "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
-    "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
 }
 
 

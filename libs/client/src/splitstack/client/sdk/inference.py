@@ -20,6 +20,7 @@ from inference import grpc_service_pb2 as ipb
 from inference import grpc_service_pb2_grpc
 from splitstack.client.sdk.errors import PlatformError, call
 from splitstack.client.sdk.events import EventSubscription
+from splitstack.contracts.datatypes import CONTENTS_FIELDS, NUMPY_DTYPE_NAMES
 from splitstack.events.v1 import events_pb2
 
 log = logging.getLogger(__name__)
@@ -27,17 +28,7 @@ log = logging.getLogger(__name__)
 SERVICE = "serving"
 POLL_SECONDS = 1.0
 SIGNATURE_TTL_SECONDS = 5.0     # how long a model's metadata and batch limit are reused by predict
-NUMPY_DTYPES: dict[str, np.dtype] = {
-    "BOOL": np.dtype(np.bool_), "UINT8": np.dtype(np.uint8), "UINT16": np.dtype(np.uint16),
-    "UINT32": np.dtype(np.uint32), "UINT64": np.dtype(np.uint64), "INT8": np.dtype(np.int8),
-    "INT16": np.dtype(np.int16), "INT32": np.dtype(np.int32), "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16), "FP32": np.dtype(np.float32), "FP64": np.dtype(np.float64),
-}
-TYPED_FIELDS: dict[str, str] = {
-    "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
-    "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
-    "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents",
-}
+NUMPY_DTYPES: dict[str, np.dtype] = {name: np.dtype(dtype) for name, dtype in NUMPY_DTYPE_NAMES.items()}
 
 
 def _dtype(datatype: str, what: str) -> np.dtype:
@@ -90,7 +81,7 @@ def decode_outputs(response: ipb.ModelInferResponse) -> dict[str, np.ndarray]:
         if index < len(response.raw_output_contents):
             array = np.frombuffer(response.raw_output_contents[index], dtype=dtype)
         else:
-            array = np.asarray(getattr(tensor.contents, TYPED_FIELDS[tensor.datatype]), dtype=dtype)
+            array = np.asarray(getattr(tensor.contents, CONTENTS_FIELDS[tensor.datatype]), dtype=dtype)
         outputs[tensor.name] = array.reshape(tuple(tensor.shape)).astype(dtype.newbyteorder("="))
     return outputs
 
