@@ -1,5 +1,5 @@
 # splitstack: every target that runs code first runs the idempotent set-up step (tools/setup.sh).
-.PHONY: setup proto proto-check proto-snapshot up down status test test-fast bench deploy-check clean
+.PHONY: setup proto proto-check proto-snapshot up down status demo test bench deploy-check pants clean
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -30,15 +30,31 @@ down: setup
 status: setup
 	@$(SPLITSTACK) status
 
-## Every test: contracts compatibility, libs, services, cross-service.
-test: setup proto-check
+## The main job: the platform end to end on its own embedded stack in state/demo (wiped first, stopped
+## at the end): data, training, conversion, promotion, serving, retraining on new data, hot swap under load.
+demo: setup
+	@$(SPLITSTACK) demo
+
+## Every test: contracts compatibility, deploy manifests and images, libs, services, cross-service.
+test: setup proto-check deploy-check
 	@$(PY) -m pytest $(PYTEST_ARGS)
+
+## deploy/k8s: render every overlay, validate it strictly offline, check it against the services' configs
+## and the contracts, lint the Dockerfiles (see deploy/k8s/README.md).
+deploy-check: setup
+	@$(PY) -m tools.deploy_check
 
 ## Benchmarks, never part of `make test`; each writes its report under docs/bench/.
 bench: setup
 	@$(PY) services/converter/bench/bench_converter.py
 	@$(PY) services/trainer/bench/bench_trainer.py
 	@$(PY) tests/bench/serving/bench_serving.py
+
+## Pants (tools/pants.sh bootstraps 2.17.1 and its tools here; never part of `make test`): every
+## target, the dependency graph with the visibility rules enforced, and tests/pants (the rules broken
+## on purpose in a copy of the repo; the protobuf codegen). About 10 minutes here.
+pants: setup
+	@tools/pants.sh --check
 
 clean:
 	rm -rf $(VENV) state libs/contracts/src/.generated

@@ -39,7 +39,7 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
   pip_install --upgrade pip
   echo "setup: installing $TORCH_SPEC first"
   pip_install "$TORCH_SPEC"
-  editables=(-e libs/contracts -e "libs/chassis[testing]" -e libs/client)
+  editables=(-e libs/contracts -e "libs/chassis[testing]" -e "libs/client[demo,kubernetes]")
   for svc in services/*/; do
     [ -f "$svc/pyproject.toml" ] && editables+=(-e "${svc%/}[test]")
   done

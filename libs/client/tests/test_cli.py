@@ -85,3 +85,25 @@ def test_console_script_lists_the_stack_commands() -> None:
     result = subprocess.run([str(CONSOLE_SCRIPT), "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
     assert all(command in result.stdout for command in ("up", "down", "status"))
+
+
+def test_up_only_starts_the_named_services_and_a_full_up_adds_the_rest(tmp_path: Path, state_dir: Path) -> None:
+    as_other = ('{ SPLITSTACK_PROBE_GRPC_PORT = "{grpc_port}", SPLITSTACK_PROBE_METRICS_PORT = "{metrics_port}", '
+                'SPLITSTACK_PROBE_READY_FILE = "{ready_file}" }')
+    services = "".join(f"[services.{name}]\ncommand = {PROBE}\nenv = {as_other}\n" for name in ("alpha", "beta"))
+    flags = ["--state-dir", str(state_dir), "--stack-file", str(stack_file(tmp_path, services))]
+    only = run_cli("up", "--only", "alpha", *flags)
+    assert only.returncode == 0, only.stderr
+    assert "alpha: started" in only.stdout and "beta: left down (not asked for)" in only.stdout
+    assert "services: alpha;" in only.stdout
+    first = {c["name"]: c for c in json.loads(run_cli("status", "--json", *flags).stdout)["components"]}
+    assert first["alpha"]["health"] and first["beta"]["pid"] is None
+
+    full = run_cli("up", *flags)
+    assert full.returncode == 0 and "beta: started" in full.stdout and "alpha: started" not in full.stdout
+    after = {c["name"]: c for c in json.loads(run_cli("status", "--json", *flags).stdout)["components"]}
+    assert after["alpha"]["pid"] == first["alpha"]["pid"] and after["beta"]["health"]
+    assert after["beta"]["address"] == first["beta"]["address"]   # its port was allocated by the first up
+
+    unknown = run_cli("up", "--only", "gamma", *flags)
+    assert unknown.returncode == 1 and "unknown service gamma (the stack has: alpha, beta)" in unknown.stderr

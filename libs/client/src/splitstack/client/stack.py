@@ -19,7 +19,7 @@ import logging
 import os
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -270,8 +270,14 @@ def _locked(paths: StackPaths) -> Iterator[None]:
         yield
 
 
-def up(paths: StackPaths, report: Report = _ignore, stop_timeout: float = STOP_TIMEOUT_SECONDS) -> StackState:
-    """Bring the stack up: start what is missing or unhealthy, leave what is healthy alone."""
+def up(paths: StackPaths, report: Report = _ignore, stop_timeout: float = STOP_TIMEOUT_SECONDS,
+       only: Collection[str] | None = None) -> StackState:
+    """Bring the stack up: start what is missing or unhealthy, leave what is healthy alone.
+
+    `only`: start just these services and what they depend on (NATS always); the others keep running
+    if they run and are otherwise left down. Every port is still allocated, so a later full `up`
+    adopts what `only` started and starts the rest.
+    """
     definition = load_stack_definition(paths.require_stack_file())
     with _locked(paths):
         paths.create_dirs()
@@ -282,21 +288,55 @@ def up(paths: StackPaths, report: Report = _ignore, stop_timeout: float = STOP_T
             if old.name not in state.components and is_running(old):
                 report(f"{old.name}: stopping (no longer in the stack)")
                 stop_process(old, stop_timeout)
-        to_start = _restart_plan(previous, state, report, stop_timeout)
+        held_back = _hold_back(definition, state, previous, only, report)
+        to_start = _restart_plan(previous, state, report, stop_timeout, held_back)
         if not to_start:
             write_state(paths, state)
-            report(f"stack is already up and healthy ({', '.join(state.components)}); nothing to do")
+            report(f"stack is already up and healthy ({', '.join(_running(state))}); nothing to do")
             return state
         _start_all(paths, state, to_start, definition, report, stop_timeout)
-        services = ", ".join(n for n in state.components if n != NATS) or "none installed"
+        services = ", ".join(n for n in _running(state) if n != NATS) or "none installed"
         report(f"stack is up: NATS at {state.nats_url}, services: {services}; state in {paths.state_dir}")
         return state
 
 
-def _restart_plan(previous: StackState, state: StackState, report: Report, stop_timeout: float) -> list[str]:
+def _running(state: StackState) -> list[str]:
+    return [name for name, component in state.components.items() if component.pid is not None]
+
+
+def _hold_back(definition: StackDefinition, state: StackState, previous: StackState,
+               only: Collection[str] | None, report: Report) -> set[str]:
+    """The services `only` leaves alone: a running one keeps its record, the others stay down."""
+    if only is None:
+        return set()
+    by_name = {spec.name: spec for spec in definition.services}
+    unknown = sorted(set(only) - set(by_name))
+    if unknown:
+        raise StackError(f"unknown service {', '.join(unknown)} (the stack has: {', '.join(by_name) or 'none'})")
+    wanted: set[str] = set()
+    pending = list(only)
+    while pending:
+        name = pending.pop()
+        if name not in wanted:
+            wanted.add(name)
+            pending.extend(by_name[name].depends_on)
+    held = [name for name in state.components if name != NATS and name not in wanted]   # start order
+    for name in held:
+        old = previous.components.get(name)
+        if old is not None and is_running(old):
+            state.components[name] = old
+        else:
+            report(f"{name}: left down (not asked for)")
+    return set(held)
+
+
+def _restart_plan(previous: StackState, state: StackState, report: Report, stop_timeout: float,
+                  held_back: Collection[str] = ()) -> list[str]:
     """Adopt what runs healthy as wanted; stop what runs otherwise; return what must be started."""
     to_start = []
     for name, component in state.components.items():
+        if name in held_back:
+            continue
         old = previous.components.get(name)
         if old is not None and is_running(old):
             if old.launch_spec() == component.launch_spec() and check_component(old).healthy:
