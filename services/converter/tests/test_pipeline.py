@@ -18,7 +18,8 @@ from splitstack_converter.pipeline.export import batch_axis_name, export_onnx
 from splitstack_converter.pipeline.gate import Tolerance, evaluate, resolve_tolerance, run_in_batches
 from splitstack_converter.pipeline.optimize import optimize_onnx
 from splitstack_converter.pipeline.profile import Floors, batch_sizes, measure_point
-from splitstack_converter.pipeline.quantize import quantize_int8
+from splitstack_converter.pipeline.quantize import (CPU_REDUCED_RANGE_SCHEME, CPU_SCHEME, cpu_scheme, quantize_int8,
+                                                     x86_without_vnni)
 from splitstack_converter.pipeline.runners import OrtOptions, OrtRunner
 from splitstack_converter.pipeline.sample import load_sample
 from splitstack_converter.pipeline.select import choose
@@ -177,3 +178,18 @@ def test_sample_checks(tmp_path: Path, handoffs: dict[str, HandOff]) -> None:
     path.write_bytes(b"not an npz")
     with pytest.raises(PipelineError, match="not a readable .npz"):
         load_sample(path, (64,))
+
+
+def test_cpu_scheme_reduces_the_weight_range_only_on_x86_without_vnni(tmp_path: Path) -> None:
+    def cpuinfo(text: str) -> Path:
+        path = tmp_path / f"cpuinfo-{len(list(tmp_path.iterdir()))}"
+        path.write_text(text)
+        return path
+
+    assert x86_without_vnni(cpuinfo("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n"))
+    assert not x86_without_vnni(cpuinfo("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni\n"))
+    assert not x86_without_vnni(cpuinfo("processor\t: 0\nflags\t\t: fpu avx2 avx_vnni\n"))
+    assert not x86_without_vnni(cpuinfo("processor\t: 0\nFeatures\t: fp asimd asimddp\n"))     # ARM
+    assert not x86_without_vnni(tmp_path / "absent")
+    assert cpu_scheme() in (CPU_SCHEME, CPU_REDUCED_RANGE_SCHEME)
+    assert CPU_REDUCED_RANGE_SCHEME.reduce_range and not CPU_SCHEME.reduce_range

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from converter_models import HandOff
 
@@ -20,7 +21,7 @@ from splitstack_converter.pipeline.export import export_onnx
 from splitstack_converter.pipeline.gate import Tolerance, evaluate, run_in_batches
 from splitstack_converter.pipeline.optimize import optimize_onnx
 from splitstack_converter.pipeline.profile import Floors
-from splitstack_converter.pipeline.runners import OrtOptions, OrtRunner
+from splitstack_converter.pipeline.runners import OrtOptions
 from splitstack_converter.pipeline.sample import load_sample
 
 from splitstack.contracts.stacks import inference_targets
@@ -86,8 +87,18 @@ def builder(handoffs: dict[str, HandOff], tmp_path_factory: pytest.TempPathFacto
 
 
 def gate_of(builder: CandidateBuilder, path: Path) -> common.GateResult:
-    runner = OrtRunner(path, OrtOptions())
-    out = run_in_batches(runner.run, builder.sample.inputs, 64)
+    """The gate of a TensorRT-bound ONNX file, run by ONNX Runtime with graph optimizations off.
+
+    Off, Q/DQ nodes run as they stand (quantize, dequantize, float math): TensorRT's numerics with
+    32-bit accumulation. With them on, ORT fuses its own S8S8 int8 kernels, whose 16-bit sums
+    saturate on x86 without VNNI — a property of this CPU, not of the model TensorRT will run.
+    """
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    out = run_in_batches(lambda batch: session.run(None, {name: batch})[0], builder.sample.inputs, 64)
     return evaluate(out, builder.sample.reference_outputs, builder.sample.labels, ACCURACY, Tolerance())
 
 

@@ -18,7 +18,7 @@ from splitstack_converter.pipeline.export import OnnxModelInfo
 from splitstack_converter.pipeline.gate import Tolerance, evaluate, run_in_batches
 from splitstack_converter.pipeline.profile import Floors, batch_sizes
 from splitstack_converter.pipeline.profile_worker import measure_in_subprocess
-from splitstack_converter.pipeline.quantize import CPU_SCHEME, TENSORRT_SCHEME, quantize_int8
+from splitstack_converter.pipeline.quantize import TENSORRT_SCHEME, cpu_scheme, quantize_int8
 from splitstack_converter.pipeline.runners import OrtOptions, Runner, cpu_description, open_runner
 from splitstack_converter.pipeline.sample import Sample
 
@@ -70,8 +70,9 @@ class CandidateBuilder:
                 candidate.built(path, optimization="onnxruntime-basic")
             elif fmt == common_pb2.ONNX_INT8:
                 path = self.workdir / candidate.filename
-                quantize_int8(self.optimized, path, self.sample.calibration_inputs, self.info.input_name, CPU_SCHEME)
-                candidate.built(path, quantization=f"qdq-{CPU_SCHEME.name}-minmax",
+                scheme = cpu_scheme()
+                quantize_int8(self.optimized, path, self.sample.calibration_inputs, self.info.input_name, scheme)
+                candidate.built(path, quantization=f"qdq-{scheme.name}-minmax",
                                 calibration_rows=str(len(self.sample.calibration_inputs)))
             elif fmt in TENSORRT_FORMATS:
                 self._build_engine(candidate, TENSORRT_FORMATS[fmt])
