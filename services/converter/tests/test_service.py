@@ -45,6 +45,12 @@ def assert_profiled(artifact, max_batch: int = 64) -> None:
     assert 0.9 < profile.accuracy <= 1.0
 
 
+def measured_choice(p50: dict[int, float]) -> int:
+    """The selection rule on recorded p50s: INT8 only when >= 10 % faster than FP32."""
+    better = (p50[common.ONNX_FP32] - p50[common.ONNX_INT8]) / p50[common.ONNX_FP32]
+    return common.ONNX_INT8 if better >= 0.10 else common.ONNX_FP32
+
+
 async def test_serving_choices_follow_measurement(stack, handoffs: dict[str, HandOff]) -> None:
     mlp = handoffs["mlp"]
     model, version, converted = await convert(stack, mlp.program, mlp.sample, "mlp")
@@ -73,8 +79,10 @@ async def test_serving_choices_follow_measurement(stack, handoffs: dict[str, Han
         cnn_artifacts = {a.format: a for a in conversion_artifacts(cnn)}
         cnn_p50 = {f: a.profile.points[0].p50_ms for f, a in cnn_artifacts.items()}
         assert len(cnn_converted) == 1
-        assert cnn.serving_choices[0].artifact.format == common.ONNX_FP32, (cnn.serving_choices[0].reason, cnn_p50)
-        assert "kept" in cnn.serving_choices[0].reason or "measured best" in cnn.serving_choices[0].reason
+        # The tiny CNN's INT8 is slower than FP32 on a VNNI Xeon and faster on an AVX2 EPYC: which
+        # wins is the measurement's to say, so the choice must follow the recorded profiles.
+        assert cnn.serving_choices[0].artifact.format == measured_choice(cnn_p50), (cnn.serving_choices[0].reason,
+                                                                                   cnn_p50)
 
     async with open_channel(stack.converter.address) as channel:
         api = converter_pb2_grpc.ConverterStub(channel)
