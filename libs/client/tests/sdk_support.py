@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
-import os
 import time
 import tomllib
 from collections.abc import Iterator
@@ -20,6 +18,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 from sklearn.datasets import load_digits
+
+from stack_support import processes_of, toml_value
 
 from splitstack.client import stack
 from splitstack.client.stackfile import StackPaths, find_project_root
@@ -39,15 +39,6 @@ def shipped_stack_file() -> Path:
     root = find_project_root(Path(__file__).resolve().parent)
     assert root is not None, "the tests run inside the splitstack checkout"
     return root / "deploy/local/stack.toml"
-
-
-def toml_value(value: object) -> str:
-    """Enough TOML for a stack file (JSON strings are TOML basic strings)."""
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return json.dumps(value)
 
 
 def write_stack_file(path: Path, serving_models: str | None = None) -> Path:
@@ -93,22 +84,6 @@ class LocalStack:
         logs = [(name, self.paths.log_file(name)) for name in ("nats", *SERVICES)]
         jobs = sorted((self.paths.state_dir / "trainer" / "jobs").glob("**/rank-*.log"))
         return logs + [(f"job {p.parent.name} {p.name}", p) for p in jobs]
-
-
-def processes_of(state_dir: Path) -> list[int]:
-    """Live processes whose command line or environment mentions `state_dir` (job ranks included)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            text = (proc / "cmdline").read_bytes() + (proc / "environ").read_bytes()
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if str(state_dir).encode() in text and state != "Z":
-            found.append(int(proc.name))
-    return found
 
 
 def digits_arrays() -> tuple[np.ndarray, np.ndarray]:

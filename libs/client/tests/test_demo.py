@@ -15,24 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from splitstack.client.processes import process_start_time
+sys.path.insert(0, str(Path(__file__).parent))  # stack_support: beside this file
+
+from stack_support import processes_of  # noqa: E402
 
 CONSOLE_SCRIPT = Path(sys.executable).parent / "splitstack"
-
-
-def processes_of(state_dir: Path) -> list[int]:
-    """Live processes whose command line or environment mentions `state_dir`."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid() or process_start_time(int(proc.name)) is None:
-            continue
-        try:
-            text = (proc / "cmdline").read_bytes() + (proc / "environ").read_bytes()
-        except OSError:
-            continue
-        if str(state_dir).encode() in text:
-            found.append(int(proc.name))
-    return found
 
 
 @pytest.mark.timeout(900)   # a few minutes; longer on a loaded machine

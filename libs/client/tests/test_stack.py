@@ -17,9 +17,13 @@ from pathlib import Path
 import nats
 import pytest
 
-from splitstack.client import processes, stack
-from splitstack.client.health import check_grpc
-from splitstack.client.stackfile import (
+sys.path.insert(0, str(Path(__file__).parent))  # stack_support: beside this file
+
+from stack_support import processes_of, toml_value  # noqa: E402
+
+from splitstack.client import processes, stack  # noqa: E402
+from splitstack.client.health import check_grpc  # noqa: E402
+from splitstack.client.stackfile import (  # noqa: E402
     StackError, StackPaths, find_project_root, load_stack_definition, locate)
 
 PROBE = [sys.executable, "-m", "splitstack.chassis.testing.probe"]
@@ -29,38 +33,12 @@ PROBE_AS_OTHER = {"SPLITSTACK_PROBE_GRPC_PORT": "{grpc_port}", "SPLITSTACK_PROBE
                   "SPLITSTACK_PROBE_READY_FILE": "{ready_file}"}
 
 
-def toml_value(value: object) -> str:
-    """Enough TOML for these stack files (JSON strings are TOML basic strings)."""
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return json.dumps(value)
-
-
 def write_stack_file(path: Path, services: dict[str, dict[str, object]]) -> Path:
     lines = ["[nats]", 'args = ["--store_dir", "{state_dir}/nats"]']
     for name, table in services.items():
         lines += ["", f"[services.{name}]", *(f"{k} = {toml_value(v)}" for k, v in table.items())]
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def processes_of(state_dir: Path) -> list[int]:
-    """Live processes whose command line or environment mentions `state_dir`."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            if processes.process_start_time(int(proc.name)) is None:
-                continue
-            text = (proc / "cmdline").read_bytes() + (proc / "environ").read_bytes()
-        except OSError:
-            continue
-        if str(state_dir).encode() in text:
-            found.append(int(proc.name))
-    return found
 
 
 def process_env(pid: int) -> dict[str, str]:
