@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import grpc
 
+from splitstack.contracts.limits import OutOfBounds
 from splitstack.contracts.names import InvalidName
 
 
@@ -88,6 +89,6 @@ def status_for(exc: Exception) -> grpc.StatusCode | None:
     """The gRPC status a domain exception maps to, or None when `exc` is not a domain error."""
     if isinstance(exc, DomainError):
         return exc.code
-    if isinstance(exc, InvalidName):
+    if isinstance(exc, (InvalidName, OutOfBounds)):
         return grpc.StatusCode.INVALID_ARGUMENT
     return None
