@@ -25,6 +25,7 @@ SUPERVISOR_ENV = "SPLITSTACK_JOB_SUPERVISOR_PID"   # set by the local executor: 
 FAILURE_PREFIX = "job failed: "                      # a failed rank's last stderr line starts with this
 LAST_CHECKPOINT = "last.ckpt"                        # under checkpoint_dir, written after every epoch
 RESULT_FILE = "result.json"                          # under outputs_dir, written last: outputs complete
+TRANSIENT_EXIT_STATUS = 75                           # EX_TEMPFAIL: the rank gave up on an unreachable peer
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class JobConfig:
     recipe: str = ""
     progress_interval_seconds: float = 1.0
     hyperparameters: dict[str, Any] = field(default_factory=dict)
+    peer_retry_seconds: float = 120.0        # how long calls to the registry ride out its unavailability
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))

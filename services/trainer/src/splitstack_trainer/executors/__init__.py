@@ -15,10 +15,12 @@ from splitstack_trainer.jobconfig import JobConfig
 
 @dataclass(frozen=True)
 class Outcome:
-    """How a job's ranks ended: all succeeded, or the first failure's reason."""
+    """How a job's ranks ended: all succeeded, or the first failure's reason (and whether a new
+    attempt may succeed: a rank killed by a signal, a peer unreachable, the job's processes gone)."""
 
     succeeded: bool
     reason: str = ""
+    transient: bool = False
 
 
 class Executor(Protocol):

@@ -211,7 +211,8 @@ class KubernetesExecutor:
                 job = await asyncio.to_thread(batch.read_namespaced_job_status, where["name"], where["namespace"])
             except Exception as exc:  # noqa: BLE001 - ApiException without importing it at module level
                 if getattr(exc, "status", None) == HTTP_NOT_FOUND:
-                    return Outcome(False, f"the Kubernetes Job {where['namespace']}/{where['name']} disappeared")
+                    return Outcome(False, f"the Kubernetes Job {where['namespace']}/{where['name']} disappeared",
+                                   transient=True)
                 log.warning("job %s: reading its Kubernetes Job failed: %s; retrying", config.job_id, exc)
             else:
                 outcome = job_outcome(job.status, completions)

@@ -24,7 +24,8 @@ from pathlib import Path
 
 from splitstack_trainer.config import TrainerSettings
 from splitstack_trainer.executors import Outcome
-from splitstack_trainer.jobconfig import FAILURE_PREFIX, LAST_CHECKPOINT, RESULT_FILE, SUPERVISOR_ENV, JobConfig
+from splitstack_trainer.jobconfig import (FAILURE_PREFIX, LAST_CHECKPOINT, RESULT_FILE, SUPERVISOR_ENV,
+                                          TRANSIENT_EXIT_STATUS, JobConfig)
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class LocalExecutor:
     async def wait(self, config: JobConfig, handle: str) -> Outcome:
         ranks = self._running.get(config.job_id)
         if ranks is None:
-            return Outcome(False, "the job's processes are not running in this trainer")
+            return Outcome(False, "the job's processes are not running in this trainer", transient=True)
         try:
             return await self._first_failure(ranks)
         finally:
@@ -114,7 +115,7 @@ class LocalExecutor:
                 if task.result() != 0:
                     for other in pending:
                         other.cancel()
-                    return Outcome(False, _failure_reason(rank))
+                    return Outcome(False, _failure_reason(rank), transient=_transient_end(rank))
         return Outcome(True)
 
     async def cancel(self, config: JobConfig, handle: str) -> None:
@@ -173,6 +174,12 @@ def _runs_job(pid: int, job_id: str) -> bool:
         return job_id.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
+
+
+def _transient_end(rank: Rank) -> bool:
+    """Killed by a signal, or gave up on an unreachable peer: a new attempt may succeed."""
+    code = rank.process.returncode
+    return code is not None and (code < 0 or code == TRANSIENT_EXIT_STATUS)
 
 
 def _failure_reason(rank: Rank) -> str:
