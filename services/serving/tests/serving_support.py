@@ -96,6 +96,26 @@ def build_lookup(path: Path) -> Path:
     return _save(graph, path)
 
 
+def build_flex(path: Path) -> Path:
+    """Dynamic batch and width: y FP32 [batch, width] = Relu(x FP32 [batch, width])."""
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "flex",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "width"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "width"])])
+    return _save(graph, path)
+
+
+def build_narrow(path: Path) -> Path:
+    """Narrow integers: sum FP32 [batch, 2] = Cast(small INT8 [batch, 2]) + Cast(byte UINT8 [batch, 2])."""
+    nodes = [helper.make_node("Cast", ["small"], ["small_f"], to=TensorProto.FLOAT),
+             helper.make_node("Cast", ["byte"], ["byte_f"], to=TensorProto.FLOAT),
+             helper.make_node("Add", ["small_f", "byte_f"], ["sum"])]
+    graph = helper.make_graph(nodes, "narrow",
+                              [helper.make_tensor_value_info("small", TensorProto.INT8, ["batch", 2]),
+                               helper.make_tensor_value_info("byte", TensorProto.UINT8, ["batch", 2])],
+                              [helper.make_tensor_value_info("sum", TensorProto.FLOAT, ["batch", 2])])
+    return _save(graph, path)
+
+
 def build_model_dir(root: Path) -> Path:
     """mlp versions 1 and 2 (different weights), pair, spare (an mlp), fixed and lookup, version 1 each."""
     build_mlp(root / "mlp" / "1" / "model.onnx", seed=1)

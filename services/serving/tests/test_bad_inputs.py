@@ -5,7 +5,8 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
-from serving_support import assert_outputs_match, infer_request, response_arrays, rows
+from serving_support import (assert_outputs_match, build_flex, build_narrow, infer_request, response_arrays,
+                             rows)
 
 from inference import grpc_service_pb2 as pb
 
@@ -140,4 +141,145 @@ async def test_default_message_limit_is_well_above_4_mib(serve, oracle) -> None:
     big = rows(4, 32768)  # 8 MiB in, 1.25 MiB + 32 MiB out
     response = await running.stub.ModelInfer(infer_request("mlp", outputs=("logits",), x=big), timeout=60)
     np.testing.assert_allclose(response_arrays(response)["logits"], oracle.run("mlp", "2", x=big)["logits"],
+                               rtol=1e-5, atol=1e-5)
+
+
+# ---- edge shapes, datatypes and parameters: INVALID_ARGUMENT naming the input, never INTERNAL ----------
+
+MAX_DETAILS = 1000  # characters: a message names what was wrong, it never echoes a huge input back
+
+
+def _shaped(model: str, shape: list[int], raw: bytes, name: str = "x", datatype: str = "FP32") -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model)
+    request.inputs.add(name=name, datatype=datatype, shape=shape)
+    request.raw_input_contents.append(raw)
+    return request
+
+
+def _typed(model: str, shape: list[int], **contents: list) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model)
+    tensor = request.inputs.add(name="x", datatype="FP32", shape=shape)
+    for field, values in contents.items():
+        getattr(tensor.contents, field).extend(values)
+    return request
+
+
+def _narrow(small: list[int], byte: list[int]) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="narrow")
+    request.inputs.add(name="small", datatype="INT8", shape=[1, 2]).contents.int_contents.extend(small)
+    request.inputs.add(name="byte", datatype="UINT8", shape=[1, 2]).contents.uint_contents.extend(byte)
+    return request
+
+
+def _raw_and_typed() -> pb.ModelInferRequest:
+    request = infer_request("mlp", x=_x())
+    request.inputs[0].contents.fp32_contents.extend([0.5] * 64)
+    return request
+
+
+def _huge_input_name() -> pb.ModelInferRequest:
+    inputs = _pair_inputs(1)
+    request = infer_request("pair", ids=inputs["ids"], scale=inputs["scale"])
+    request.inputs.add(name="y" * 100_000, datatype="FP32", shape=[1, 1])
+    request.raw_input_contents.append(b"\0" * 4)
+    return request
+
+
+def _timeout_as_text() -> pb.ModelInferRequest:
+    request = infer_request("mlp", x=_x())
+    request.parameters["timeout"].string_param = "soon"
+    return request
+
+
+EDGE_CASES = {
+    # The two shapes of the report: numpy refused to reshape them and the client got INTERNAL (ValueError).
+    "[0, 2^62]": (lambda: _shaped("mlp", [0, 2**62], b""), ["'x'", "expected shape [-1, 64]",
+                                                             "got [0, 4611686018427387904]"]),
+    "70 dims": (lambda: _shaped("mlp", [1] * 70, b"\0" * 4), ["'x'", "expected shape [-1, 64]", "(70 dims)"]),
+    "70 dims, dynamic model": (lambda: _shaped("flex", [1] * 70, b"\0" * 4), ["'x'", "expected shape [-1, -1]"]),
+    "zero rows": (lambda: _shaped("mlp", [0, 64], b""), ["'x'", "shape [0, 64] has no elements"]),
+    "zero width": (lambda: _shaped("flex", [1, 0], b""), ["'x'", "shape [1, 0] has no elements"]),
+    "[0, 2^62] dynamic model": (lambda: _shaped("flex", [0, 2**62], b""), ["'x'", "has no elements"]),
+    "negative batch": (lambda: _shaped("mlp", [-1, 64], b"\0" * 256), ["'x'", "has a negative dimension"]),
+    "negative width": (lambda: _shaped("flex", [1, -4], b""), ["'x'", "has a negative dimension"]),
+    "2^62 wide": (lambda: _shaped("flex", [1, 2**62], b"\0" * 4), ["'x'", "needs 18446744073709551616 bytes",
+                                                                     "got 4 bytes"]),
+    "dims product past int64": (lambda: _shaped("flex", [2**40, 2**40], b"\0" * 4),
+                                ["'x'", "batch size 1099511627776 exceeds max_batch_size 8"]),
+    "max int64 dims": (lambda: _shaped("flex", [1, 2**63 - 1], b"\0" * 4), ["'x'", "needs", "got 4 bytes"]),
+    "typed, 2^62 elements": (lambda: _typed("flex", [1, 2**62], fp32_contents=[1.0]),
+                             ["'x'", "needs 4611686018427387904 elements, got 1 in contents.fp32_contents"]),
+    "typed, zero elements": (lambda: _typed("flex", [1, 0]), ["'x'", "has no elements"]),
+    "INT8 out of range": (lambda: _narrow([200, 1], [1, 2]), ["'small'", "holds 200", "INT8 [-128, 127]"]),
+    "UINT8 out of range": (lambda: _narrow([1, 2], [3, 256]), ["'byte'", "holds 256", "UINT8 [0, 255]"]),
+    "raw and typed at once": (_raw_and_typed, ["'x'", "has typed contents while the request has raw_input_contents"]),
+    "BYTES": (lambda: _shaped("mlp", [1, 64], b"\0" * 256, datatype="BYTES"),
+              ["'x'", "datatype 'BYTES' is not supported"]),
+    "BF16": (lambda: _shaped("mlp", [1, 64], b"\0" * 128, datatype="BF16"), ["'x'", "datatype 'BF16' is not supported"]),
+    "output requested twice": (lambda: infer_request("mlp", outputs=("logits", "logits"), x=_x()),
+                               ["output 'logits' is requested more than once"]),
+    "huge input name": (_huge_input_name, ["unexpected input 'yyyy", "(100000 characters)", "model 'pair'"]),
+    "timeout as text": (_timeout_as_text, ["parameter 'timeout' must be an int64"]),
+}
+
+
+@pytest.fixture
+def edge_model_dir(model_dir):  # noqa: ANN001, ANN201
+    """The test models plus `flex` (dynamic width) and `narrow` (INT8 and UINT8 inputs)."""
+    build_flex(model_dir / "flex" / "1" / "model.onnx")
+    build_narrow(model_dir / "narrow" / "1" / "model.onnx")
+    return model_dir
+
+
+async def test_edge_shapes_datatypes_and_parameters_are_invalid_argument(edge_model_dir, serve, oracle) -> None:
+    running = await serve(models=("mlp", "pair", "flex", "narrow"), max_batch_size=8)
+    for case, (build, fragments) in EDGE_CASES.items():
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await running.stub.ModelInfer(build(), timeout=10)
+        details = caught.value.details()
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, f"{case}: {caught.value.code()} {details}"
+        for fragment in fragments:
+            assert fragment in details, f"{case}: {fragment!r} not in {details!r}"
+        assert len(details) < MAX_DETAILS, f"{case}: a {len(details)}-character message"
+    # The same requests in one stream: each answered in-stream with the same message, none as internal.
+    answers = [a async for a in running.stub.ModelStreamInfer(iter([build() for build, _ in EDGE_CASES.values()]))]
+    assert len(answers) == len(EDGE_CASES)
+    for answer in answers:
+        assert answer.error_message and "internal" not in answer.error_message, answer.error_message
+    # In range, the narrow model and a huge timeout work; the server still answers correctly.
+    summed = response_arrays(await running.stub.ModelInfer(_narrow([-128, 127], [255, 0]), timeout=10))["sum"]
+    np.testing.assert_array_equal(summed, [[127.0, 127.0]])
+    patient = infer_request("mlp", x=_x(2))
+    patient.parameters["timeout"].uint64_param = 2**64 - 1
+    assert_outputs_match(response_arrays(await running.stub.ModelInfer(patient, timeout=10)),
+                         oracle.run("mlp", "2", x=_x(2)))
+
+
+async def test_names_a_client_sends_are_cut_in_messages(serve) -> None:
+    running = await serve(models=("mlp",))
+    huge = "m" * 200_000
+    calls = {"ModelInfer": running.stub.ModelInfer(infer_request(huge, x=_x())),
+             "ModelMetadata": running.stub.ModelMetadata(pb.ModelMetadataRequest(name="mlp", version=huge)),
+             "ModelConfig": running.stub.ModelConfig(pb.ModelConfigRequest(name=huge)),
+             "ModelStatistics": running.stub.ModelStatistics(pb.ModelStatisticsRequest(name=huge)),
+             "RepositoryModelUnload": running.stub.RepositoryModelUnload(
+                 pb.RepositoryModelUnloadRequest(model_name="mlp", parameters={"version": pb.ModelRepositoryParameter(
+                     string_param=huge)}))}
+    for rpc, call in calls.items():
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND, f"{rpc}: {caught.value.code()}"
+        assert "(200000 characters)" in caught.value.details() and len(caught.value.details()) < MAX_DETAILS, rpc
+
+
+async def test_outputs_larger_than_a_message_are_resource_exhausted(serve, oracle) -> None:
+    limit = 1024 * 1024
+    running = await serve(models=("mlp",), max_message_bytes=limit, max_batch_size=1024)
+    many = rows(5, 1024)  # 256 KiB in; 1 MiB of hidden + 40 KiB of logits out
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await running.stub.ModelInfer(infer_request("mlp", x=many), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value.details()
+    assert f"more than a message may carry ({limit})" in caught.value.details()
+    response = await running.stub.ModelInfer(infer_request("mlp", outputs=("logits",), x=many), timeout=30)
+    np.testing.assert_allclose(response_arrays(response)["logits"], oracle.run("mlp", "2", x=many)["logits"],
                                rtol=1e-5, atol=1e-5)

@@ -6,14 +6,16 @@ its alias points at, and promotions are followed. Without it, models come from `
 Triton-style directory ("name" = highest version, or "name:version").
 
 Batching defaults apply to every model unless its own config (config.pbtxt beside its versions,
-or the `config` parameter of RepositoryModelLoad) says otherwise.
+or the `config` parameter of RepositoryModelLoad) says otherwise. What a client may ask for is
+capped (`load_max_*`, `max_versions_per_model`, `max_loaded_models`, `stream_max_*`), and so is the
+artifact cache (`cache_max_bytes`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from splitstack.chassis.config import ChassisSettings, peer_addr
+from splitstack.chassis.config import ChassisSettings, ConfigError, peer_addr
 
 SERVICE = "serving"
 
@@ -39,6 +41,27 @@ class ServingSettings(ChassisSettings):
     max_queue_delay_us: int = 500          # how long the oldest queued request waits for a fuller batch
     max_queue_size: int = 1024             # queued requests per version before RESOURCE_EXHAUSTED
     release_timeout_seconds: float = 30.0  # how long a replaced version waits for its requests
+    # Bounds on what clients can make this process hold (see limits.py, streams.py, cache.py).
+    load_max_batch_size: int = 1024        # RepositoryModelLoad `config`: max_batch_size at most this
+    load_max_queue_size: int = 8192        # ... dynamic_batching.default_queue_policy.max_queue_size at most this
+    load_max_queue_delay_us: int = 1_000_000  # ... dynamic_batching.max_queue_delay_microseconds at most this
+    load_max_instances: int = 8            # ... instance_group[*].count at most this
+    max_versions_per_model: int = 4        # loaded versions of one model; the oldest spare ones are unloaded
+    max_loaded_models: int = 64            # models loaded at once (followed models always have a slot)
+    stream_max_pending: int = 64           # ModelStreamInfer: requests of one stream computing or unsent
+    stream_max_pending_bytes: int = 64 * 1024 * 1024  # ... bytes of one stream's computed, unsent answers
+    cache_max_bytes: int = 16 * 1024 ** 3  # registry mode: artifact cache size (LRU; loaded ones stay); 0 = no bound
+    registry_retry_seconds: float = 20.0   # how long one registry call is retried while it fails transiently
+
+    def __post_init__(self) -> None:
+        positive = ("load_max_batch_size", "load_max_instances", "max_versions_per_model", "max_loaded_models",
+                    "stream_max_pending", "stream_max_pending_bytes")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"SPLITSTACK_SERVING_{name.upper()} must be at least 1, got {getattr(self, name)}")
+        for name in ("load_max_queue_size", "load_max_queue_delay_us", "cache_max_bytes", "registry_retry_seconds"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"SPLITSTACK_SERVING_{name.upper()} must not be negative, got {getattr(self, name)}")
 
     @property
     def producer(self) -> str:

@@ -31,6 +31,7 @@ from google.protobuf.message import Message
 
 from splitstack.chassis.config import ConfigError
 from splitstack.chassis.consumers import ReconnectSignal
+from splitstack.chassis.retry import RetryBudget
 from splitstack.contracts.events import subject
 from splitstack.contracts.names import InvalidName, check_name
 from splitstack.events.v1 import events_pb2
@@ -42,7 +43,10 @@ from splitstack_serving.repository import ModelRepository, ModelVersion
 log = logging.getLogger(__name__)
 
 Publish = Callable[..., Awaitable[object]]   # Bus.publish(subject, payload, event_id=...)
-RETRY_SECONDS = (0.5, 10.0)                   # first and longest pause between failed reconciliations
+# Pauses between failed reconciliations (0.5 s doubling to 10 s); the reconciler never gives up, so
+# only the pacing comes from the budget. Each registry call inside also retries transient failures
+# (RegistryModelSource, SPLITSTACK_SERVING_REGISTRY_RETRY_SECONDS) before a reconciliation fails.
+RECONCILE_PACE = RetryBudget(total_seconds=0.0, first_pause=0.5, max_pause=10.0)
 PUBLISH_PAUSES = (0.5, 1.0, 2.0, 4.0, 8.0)    # between attempts to announce one deployment
 
 
@@ -89,6 +93,7 @@ class ModelLifecycle:
         self.repository = repository
         self.source = source
         self.followed = {model.name: model for model in followed}
+        repository.reserve(self.followed)
         self.target = target
         self.replica = replica
         self.ready = False
@@ -117,8 +122,9 @@ class ModelLifecycle:
         self._wanted.set()
 
     async def run_reconciler(self) -> None:
-        """Reconcile at start and whenever asked; retry failed reconciliations with back-off."""
-        pause = RETRY_SECONDS[0]
+        """Reconcile at start and whenever asked; retry failed reconciliations with back-off, for as
+        long as they fail (the pauses are the chassis retry's, `RECONCILE_PACE`)."""
+        pauses = RECONCILE_PACE.pauses()
         self._wanted.set()
         while True:
             await self._wanted.wait()
@@ -126,12 +132,12 @@ class ModelLifecycle:
             try:
                 await self.reconcile()
             except Exception as exc:  # noqa: BLE001 - the registry or the bus may be away for a while
+                pause = next(pauses)
                 log.warning("reconciling with the registry failed (%s); retrying in %.1fs", describe(exc), pause)
                 await asyncio.sleep(pause)
-                pause = min(pause * 2, RETRY_SECONDS[1])
                 self._wanted.set()
                 continue
-            pause = RETRY_SECONDS[0]
+            pauses = RECONCILE_PACE.pauses()
 
     async def reconcile(self) -> None:
         """Sync every followed model; raise the first transient failure after trying them all."""
@@ -174,6 +180,7 @@ class ModelLifecycle:
                 keeping = f"keeping version {current}" if current else "nothing to serve until it is set"
                 log.warning("%s; %s", exc, keeping)
                 return
+            self.repository.pin(model.name, version)
             current = self.repository.current_version(model.name)
             if version == current:
                 log.debug("model '%s' already serves version %s of alias '%s'", model.name, version, model.alias)

@@ -25,6 +25,7 @@ import grpc
 from inference import grpc_service_pb2_grpc as pb_grpc
 from splitstack.chassis.bus import Bus, Subscription, connect_bus
 from splitstack.chassis.config import ConfigError, load_settings
+from splitstack.chassis.retry import RetryBudget
 from splitstack.chassis.server import ServiceRuntime, run_service
 from splitstack.chassis.tls import client_channel
 from splitstack.registry.v1 import registry_pb2_grpc
@@ -35,6 +36,7 @@ from splitstack_serving.cache import ArtifactCache
 from splitstack_serving.config import SERVICE, ServingSettings
 from splitstack_serving.core import InferenceCore
 from splitstack_serving.handlers import PROMOTIONS_CONSUMER, PromotionHandler
+from splitstack_serving.limits import ServingLimits
 from splitstack_serving.lifecycle import (ModelLifecycle, follow_bus_reconnects, follow_registry_channel,
                                           parse_followed)
 from splitstack_serving.registry_source import RegistryModelSource
@@ -115,6 +117,22 @@ def default_policy(settings: ServingSettings) -> BatchPolicy:
                        instances=settings.model_instances)
 
 
+def serving_limits(settings: ServingSettings) -> ServingLimits:
+    """The operator's caps on what clients can make this process hold."""
+    return ServingLimits(
+        load_max_batch_size=settings.load_max_batch_size, load_max_queue_size=settings.load_max_queue_size,
+        load_max_queue_delay_us=settings.load_max_queue_delay_us, load_max_instances=settings.load_max_instances,
+        max_versions_per_model=settings.max_versions_per_model, max_loaded_models=settings.max_loaded_models,
+        stream_max_pending=settings.stream_max_pending, stream_max_pending_bytes=settings.stream_max_pending_bytes)
+
+
+def _check_model_count(settings: ServingSettings) -> None:
+    named = {spec.partition("@")[0].partition(":")[0].strip() for spec in settings.models}
+    if len(named) > settings.max_loaded_models:
+        raise ConfigError(f"SPLITSTACK_SERVING_MODELS names {len(named)} models, more than "
+                          f"SPLITSTACK_SERVING_MAX_LOADED_MODELS ({settings.max_loaded_models})")
+
+
 def _check_directory_models(settings: ServingSettings) -> None:
     for spec in settings.models:
         if "@" in spec:
@@ -126,15 +144,19 @@ def _registry_source(settings: ServingSettings, runtime: ServiceRuntime,
                      aliases: dict[str, str]) -> tuple[RegistryModelSource, grpc.aio.Channel]:
     channel = client_channel(settings.registry_addr, settings, options=REGISTRY_CHANNEL_OPTIONS)
     runtime.exit_stack.push_async_callback(lambda: asyncio.wait_for(channel.close(), CHANNEL_CLOSE_SECONDS))
-    source = RegistryModelSource(registry_pb2_grpc.RegistryStub(channel), ArtifactCache(Path(settings.cache_dir)),
-                                 settings.target, aliases, timeout=settings.registry_timeout_seconds,
-                                 download_timeout=settings.download_timeout_seconds)
+    cache = ArtifactCache(Path(settings.cache_dir), max_bytes=settings.cache_max_bytes)
+    retry = RetryBudget(total_seconds=settings.registry_retry_seconds, first_pause=0.2, max_pause=5.0)
+    source = RegistryModelSource(registry_pb2_grpc.RegistryStub(channel), cache, settings.target, aliases,
+                                 timeout=settings.registry_timeout_seconds,
+                                 download_timeout=settings.download_timeout_seconds, retry=retry)
     return source, channel
 
 
 def build_service(settings: ServingSettings) -> ServingService:
     """Wire the service (inside the event loop); nothing runs until `runtime.start()` / `serve()`."""
     runtime = ServiceRuntime(settings, SERVER_NAME)
+    _check_model_count(settings)
+    limits = serving_limits(settings)
     followed = parse_followed(settings.models) if settings.registry_addr else []
     channel = None
     source: ModelSource
@@ -145,10 +167,13 @@ def build_service(settings: ServingSettings) -> ServingService:
         source = DirectoryModelSource(Path(settings.model_dir))
     options = BackendOptions(target=settings.target, intra_op_threads=settings.ort_intra_op_threads,
                              inter_op_threads=settings.ort_inter_op_threads)
-    repository = ModelRepository(source, options, default_policy(settings), settings.release_timeout_seconds)
+    repository = ModelRepository(source, options, default_policy(settings), settings.release_timeout_seconds,
+                                 limits)
+    if isinstance(source, RegistryModelSource):
+        source.cache.keep_in_use(repository.digests_in_use)
     core = InferenceCore(repository)
-    runtime.add_service(pb_grpc.add_GRPCInferenceServiceServicer_to_server, InferenceServicer(core, repository),
-                        SERVICE_NAME)
+    servicer = InferenceServicer(core, repository, limits, settings.max_message_bytes)
+    runtime.add_service(pb_grpc.add_GRPCInferenceServiceServicer_to_server, servicer, SERVICE_NAME)
     runtime.defer_readiness()
     runtime.set_serving(False, SERVICE_NAME)
     runtime.on_shutdown(repository.close)

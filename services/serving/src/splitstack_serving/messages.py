@@ -16,9 +16,10 @@ from inference import model_config_pb2 as config_pb
 from splitstack.chassis.errors import InvalidArgument
 
 from splitstack_serving.backend import CPU_PROVIDER
+from splitstack_serving.limits import ServingLimits, check_load_config
 from splitstack_serving.repository import IndexEntry, ModelVersion
 from splitstack_serving.stats import Duration
-from splitstack_serving.tensors import TensorSpec
+from splitstack_serving.tensors import TensorSpec, names_text
 
 SHA256_PARAMETER = "artifact_sha256"
 LOAD_PARAMETERS = ("version", "config", "keep_previous")
@@ -119,7 +120,7 @@ def _check_known(parameters: Mapping[str, pb.ModelRepositoryParameter], known: t
         raise InvalidArgument(f"{rpc}: model files in parameters are not supported; "
                               "put the model under the model directory")
     if unknown:
-        raise InvalidArgument(f"{rpc}: unknown parameter(s) {', '.join(unknown)} (known: {', '.join(known)})")
+        raise InvalidArgument(f"{rpc}: unknown parameter(s) {names_text(unknown)} (known: {', '.join(known)})")
 
 
 def _version_parameter(parameters: Mapping[str, pb.ModelRepositoryParameter]) -> str:
@@ -130,21 +131,38 @@ def _version_parameter(parameters: Mapping[str, pb.ModelRepositoryParameter]) ->
     if kind == "string_param":
         return value.string_param
     if kind == "int64_param":
+        if value.int64_param <= 0:
+            raise InvalidArgument(f"parameter 'version' must be a positive integer, got {value.int64_param}")
         return str(value.int64_param)
     raise InvalidArgument(f"parameter 'version' must be a string or int64, got {kind}")
 
 
-def load_options(parameters: Mapping[str, pb.ModelRepositoryParameter]) -> LoadOptions:
-    """Parse RepositoryModelLoad parameters: version, config (ModelConfig as JSON), keep_previous."""
+def load_options(parameters: Mapping[str, pb.ModelRepositoryParameter],
+                 limits: ServingLimits | None = None) -> LoadOptions:
+    """Parse RepositoryModelLoad parameters: version, config (ModelConfig as JSON, within `limits`),
+    keep_previous."""
     _check_known(parameters, LOAD_PARAMETERS, "RepositoryModelLoad")
-    config = None
-    if "config" in parameters:
-        try:
-            config = json_format.Parse(parameters["config"].string_param, config_pb.ModelConfig())
-        except json_format.ParseError as exc:
-            raise InvalidArgument(f"parameter 'config' is not a ModelConfig in JSON: {exc}") from None
+    config = _config_parameter(parameters)
+    if config is not None:
+        check_load_config(config, limits or ServingLimits())
+    if "keep_previous" in parameters and parameters["keep_previous"].WhichOneof("parameter_choice") != "bool_param":
+        raise InvalidArgument("parameter 'keep_previous' must be a bool")
     keep = parameters["keep_previous"].bool_param if "keep_previous" in parameters else False
     return LoadOptions(_version_parameter(parameters), config, keep)
+
+
+def _config_parameter(parameters: Mapping[str, pb.ModelRepositoryParameter]) -> config_pb.ModelConfig | None:
+    if "config" not in parameters:
+        return None
+    value = parameters["config"]
+    if value.WhichOneof("parameter_choice") != "string_param":
+        raise InvalidArgument("parameter 'config' must be a string: a ModelConfig in JSON")
+    try:
+        return json_format.Parse(value.string_param, config_pb.ModelConfig())
+    except json_format.ParseError as exc:
+        raise InvalidArgument(f"parameter 'config' is not a ModelConfig in JSON: {str(exc)[:200]}") from None
+    except RecursionError:
+        raise InvalidArgument("parameter 'config' is nested too deeply to be a ModelConfig") from None
 
 
 def unload_version(parameters: Mapping[str, pb.ModelRepositoryParameter]) -> str:

@@ -2,7 +2,8 @@
 
 Per model: inference requests by outcome (the gRPC status, lowercased), request latency and
 queue time histograms, rows per model run, loaded versions, requests waiting in queues, and model
-loads by outcome. Label children are looked up once per model (`ModelMetrics`), so a request
+loads by outcome. Over the whole process: answers held by open streams (count and bytes), and
+the artifact cache's size and evictions. Label children are looked up once per model (`ModelMetrics`), so a request
 costs one counter increment and two histogram observations. Requests naming a model that is not
 loaded count under model="" so clients cannot grow the label set.
 """
@@ -34,6 +35,14 @@ BATCH_ROWS = Histogram("splitstack_serving_batch_rows", "Rows per model run (the
 LOADED_VERSIONS = Gauge("splitstack_serving_loaded_versions", "Model versions loaded and warmed", ["model"])
 PENDING_REQUESTS = Gauge("splitstack_serving_pending_requests",
                          "Requests queued for a model version and not yet running", ["model", "version"])
+STREAM_ANSWERS = Gauge("splitstack_serving_stream_answers_pending",
+                       "ModelStreamInfer requests admitted and not yet answered on the wire (computing, or "
+                       "answered and waiting to be written), over every open stream")
+STREAM_ANSWER_BYTES = Gauge("splitstack_serving_stream_answer_bytes_pending",
+                            "Bytes of ModelStreamInfer answers computed and not yet written, over every open stream")
+CACHE_BYTES = Gauge("splitstack_serving_artifact_cache_bytes", "Bytes of verified artifacts in the local cache")
+CACHE_EVICTIONS = Counter("splitstack_serving_artifact_cache_evictions",
+                          "Artifacts removed from the local cache to keep it within its size bound")
 MODEL_LOADS = Counter("splitstack_serving_model_loads", "Model version loads by outcome (ok or failed)",
                       ["model", "outcome"])
 

@@ -7,17 +7,23 @@ model nor a TensorRT plan (or is a plan and this replica cannot run TensorRT: re
 download), is not servable here (`NotServable`, a ModelLoadError). The artifact is downloaded by digest into
 the `ArtifactCache`, which verifies its SHA-256 before the file is visible; the repository then
 checks it again before loading. Only gRPC reaches the registry (`splitstack.registry.v1.Registry`).
+Every registry call (ResolveAlias, GetVersion, DownloadArtifact) is retried while it fails
+transiently (UNAVAILABLE, DEADLINE_EXCEEDED: the registry restarting) within the retry budget
+(`splitstack.chassis.retry`); what still fails is UNAVAILABLE to this server's client (INVALID_ARGUMENT
+when the registry found the request malformed), never INTERNAL.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 
-from splitstack.chassis.errors import InvalidArgument, NotFound
+from splitstack.chassis.errors import DomainError, InvalidArgument, NotFound, Unavailable
+from splitstack.chassis.retry import RetryBudget, retry_transient
 from splitstack.common.v1 import common_pb2
 from splitstack.contracts.names import check_name, parse_version
 from splitstack.events.v1 import events_pb2
@@ -34,6 +40,8 @@ log = logging.getLogger(__name__)
 DEFAULT_ALIAS = "production"
 ARTIFACT_FILES = {common_pb2.ONNX: MODEL_FILE, common_pb2.TENSORRT_PLAN: PLAN_FILE}  # kind -> cached file name
 SERVABLE_KINDS = tuple(ARTIFACT_FILES)
+DEFAULT_RETRY = RetryBudget(total_seconds=20.0, first_pause=0.2, max_pause=5.0)
+T = TypeVar("T")
 
 
 class NotServable(ModelLoadError):
@@ -62,13 +70,15 @@ class RegistryModelSource:
     """Resolves versions in the registry and puts their serving artifacts on local disk."""
 
     def __init__(self, stub: registry_pb2_grpc.RegistryStub, cache: ArtifactCache, target: str,
-                 aliases: Mapping[str, str], *, timeout: float = 30.0, download_timeout: float = 600.0) -> None:
+                 aliases: Mapping[str, str], *, timeout: float = 30.0, download_timeout: float = 600.0,
+                 retry: RetryBudget = DEFAULT_RETRY) -> None:
         self.stub = stub
         self.cache = cache
         self.target = target
         self.aliases = dict(aliases)  # model -> the alias this server follows
         self.timeout = timeout
         self.download_timeout = download_timeout
+        self.retry = retry
         self._artifacts: dict[tuple[str, int], ServingArtifact] = {}
 
     def alias_for(self, name: str) -> str:
@@ -89,13 +99,14 @@ class RegistryModelSource:
     async def resolve_alias(self, name: str, alias: str) -> int:
         """The version `alias` of `name` points at (AliasMissing when there is none); its serving
         artifact for this target, if any, is remembered."""
+        request = pb.ResolveAliasRequest(model=name, alias=alias)
         try:
-            response = await self.stub.ResolveAlias(pb.ResolveAliasRequest(model=name, alias=alias),
-                                                    timeout=self.timeout)
+            response = await self._call(lambda: self.stub.ResolveAlias(request, timeout=self.timeout),
+                                        f"resolving alias '{alias}' of model '{name}'")
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 raise AliasMissing(f"the registry has no alias '{alias}' of model '{name}': {exc.details()}") from None
-            raise
+            raise registry_error(exc, f"resolving alias '{alias}' of model '{name}'") from None
         self._remember_choice(response.version)
         return response.alias.version
 
@@ -116,13 +127,14 @@ class RegistryModelSource:
         return None
 
     async def _serving_artifact_of(self, name: str, version: int) -> ServingArtifact:
+        request = pb.GetVersionRequest(model=name, version=version)
         try:
-            record = await self.stub.GetVersion(pb.GetVersionRequest(model=name, version=version),
-                                                timeout=self.timeout)
+            record = await self._call(lambda: self.stub.GetVersion(request, timeout=self.timeout),
+                                      f"reading version {version} of model '{name}'")
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 raise NotFound(f"the registry has no version {version} of model '{name}': {exc.details()}") from None
-            raise
+            raise registry_error(exc, f"reading version {version} of model '{name}'") from None
         found = self._remember_choice(record)
         if found is None:
             targets = ", ".join(sorted(c.target for c in record.serving_choices)) or "none"
@@ -144,8 +156,25 @@ class RegistryModelSource:
                                               timeout=self.download_timeout)
             return _artifact_chunks(call, name, version, artifact.sha256)
 
-        path = await self.cache.obtain(artifact.sha256, chunks, artifact.size_bytes, ARTIFACT_FILES[artifact.kind])
+        what = f"downloading artifact {artifact.sha256[:12]} of model '{name}' version {version}"
+        try:
+            path = await self._call(lambda: self.cache.obtain(artifact.sha256, chunks, artifact.size_bytes,
+                                                              ARTIFACT_FILES[artifact.kind]), what)
+        except grpc.aio.AioRpcError as exc:
+            raise registry_error(exc, what) from None
         return LocalModel(name, str(version), path, artifact.sha256)
+
+    async def _call(self, call: Callable[[], Awaitable[T]], what: str) -> T:
+        """A registry call, retried while it fails transiently (within `self.retry`)."""
+        return await retry_transient(call, what=what, budget=self.retry)
+
+
+def registry_error(exc: grpc.aio.AioRpcError, what: str) -> DomainError:
+    """A registry call's failure as this server's client sees it: still unreachable after the retries,
+    or refused, is UNAVAILABLE (retry later); a request the registry finds malformed is INVALID_ARGUMENT."""
+    if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidArgument(f"{what}: the registry refused the request: {exc.details()}")
+    return Unavailable(f"{what}: the registry answered {exc.code().name} ({exc.details()}); retry later")
 
 
 def _check_tensorrt(name: str, version: int) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -24,17 +25,18 @@ from pathlib import Path
 from types import MappingProxyType
 
 from inference import model_config_pb2
-from splitstack.chassis.errors import NotFound
+from splitstack.chassis.errors import NotFound, ResourceExhausted
 from splitstack.chassis.faults import crash_point
 from splitstack.contracts.names import check_name
 
 from splitstack_serving import metrics
 from splitstack_serving.backend import BackendOptions, ModelLoadError, OnnxModel
 from splitstack_serving.batching import BatchPolicy, DynamicBatcher
+from splitstack_serving.limits import ServingLimits
 from splitstack_serving.source import LocalModel, ModelSource, version_order
 from splitstack_serving.stats import InferenceStats
 from splitstack_serving.tensorrt_backend import PLAN_FILE, TensorRtModel
-from splitstack_serving.tensors import ModelSignature
+from splitstack_serving.tensors import ModelSignature, shown
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,7 @@ class ModelVersion:
     metrics: metrics.ModelMetrics
     in_flight: int = 0
     retired: bool = False
+    loaded_at: int = 0        # load order within the process (the oldest spare version goes first)
     _drained: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     @property
@@ -157,11 +160,17 @@ class ModelRepository:
     """Which model versions are loaded, which one is current per model, and how they change."""
 
     def __init__(self, source: ModelSource, options: BackendOptions, default_policy: BatchPolicy,
-                 release_timeout: float = 30.0) -> None:
+                 release_timeout: float = 30.0, limits: ServingLimits | None = None) -> None:
         self.source = source
         self.options = options
         self.default_policy = default_policy
         self.release_timeout = release_timeout
+        self.limits = limits or ServingLimits()
+        self._load_order = itertools.count(1)
+        self._pinned: dict[str, str] = {}                 # name -> the version its followed alias points at
+        self._opening: dict[str, str] = {}                # name -> digest of the artifact being opened
+        self._new_models: set[str] = set()                # models not loaded yet whose first load runs now
+        self._reserved: set[str] = set()                  # models that always have a slot (followed ones)
         self._versions: dict[str, dict[str, ModelVersion]] = {}
         self._current: dict[str, ModelVersion] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -184,8 +193,21 @@ class ModelRepository:
     def _not_found(self, name: str, version: str) -> NotFound:
         loaded = self.loaded_versions(name)
         if not loaded:
-            return NotFound(f"model '{name}' is not loaded")
-        return NotFound(f"model '{name}' version '{version}' is not loaded (loaded: {', '.join(loaded)})")
+            return NotFound(f"model {shown(name)} is not loaded")
+        return NotFound(f"model {shown(name)} version {shown(version)} is not loaded (loaded: {', '.join(loaded)})")
+
+    def reserve(self, names: Iterable[str]) -> None:
+        """These models always have a slot within `max_loaded_models` (the followed ones)."""
+        self._reserved.update(names)
+
+    def pin(self, name: str, version: str) -> None:
+        """`version` of `name` is what its followed alias points at: never unloaded to make room."""
+        self._pinned[name] = version
+
+    def digests_in_use(self) -> set[str]:
+        """Artifacts this repository serves or is opening (the artifact cache keeps them)."""
+        used = {v.sha256 for versions in self._versions.values() for v in versions.values()}
+        return used | set(self._opening.values())
 
     def is_ready(self, name: str, version: str = "") -> bool:
         """True when that version (or the current one) is loaded and warmed."""
@@ -218,11 +240,13 @@ class ModelRepository:
         also kept for `index()`."""
         check_name("model name", name)
         async with self._locks.setdefault(name, asyncio.Lock()):
+            self._reserve_model(name)
             self._loading[name] = version
             try:
                 loaded = await self._fetch_and_open(name, version, config)
             finally:
                 self._loading.pop(name, None)
+                self._new_models.discard(name)
             replaced, previous = self._install(loaded, keep_previous)
             if previous:
                 crash_point(MID_SWAP)
@@ -235,6 +259,18 @@ class ModelRepository:
             metrics.watch_pending(name, loaded.version, lambda: batcher.pending)
             return loaded
 
+    def _reserve_model(self, name: str) -> None:
+        """Count a model's first load against `max_loaded_models` (ResourceExhausted past it)."""
+        if name in self._versions or name in self._reserved:
+            return
+        cap = self.limits.max_loaded_models
+        taken = len({*self._versions, *self._reserved, *self._new_models})
+        if taken >= cap:
+            raise ResourceExhausted(f"cannot load model '{name}': {taken} models are loaded, loading or followed, "
+                                    f"at most {cap} are allowed (SPLITSTACK_SERVING_MAX_LOADED_MODELS); "
+                                    "unload one first")
+        self._new_models.add(name)
+
     async def _fetch_and_open(self, name: str, version: str,
                               config: model_config_pb2.ModelConfig | None) -> ModelVersion:
         """Fetch and open a version; a fetch the source refuses (ModelLoadError) or any failure to
@@ -245,11 +281,14 @@ class ModelRepository:
             self._report_failure(name, getattr(exc, "version", "") or version, exc)
             raise
         self._loading[name] = local.version
+        self._opening[name] = local.sha256
         try:
             return await self._open(local, config)
         except Exception as exc:
             self._report_failure(name, local.version, exc)
             raise
+        finally:
+            self._opening.pop(name, None)
 
     def _report_failure(self, name: str, version: str, exc: BaseException) -> None:
         self._failures[name] = (version, str(exc))
@@ -296,12 +335,32 @@ class ModelRepository:
         previous = self._current.get(loaded.name)
         if previous is not None and previous.version != loaded.version and not keep_previous:
             replaced.append(versions.pop(previous.version))
+        loaded.loaded_at = next(self._load_order)
         versions[loaded.version] = loaded
         self._current[loaded.name] = loaded
+        replaced.extend(self._spare_versions_over_cap(loaded.name))
         self._failures.pop(loaded.name, None)
         self._unloaded.discard(loaded.name)
         metrics.set_loaded_versions(loaded.name, len(versions))
         return replaced, previous.version if previous is not None else ""
+
+    def _spare_versions_over_cap(self, name: str) -> list[ModelVersion]:
+        """Take the oldest versions of `name` out of service while more than `max_versions_per_model`
+        are loaded: never the current one nor the followed alias's, idle ones before busy ones (a
+        version taken out is released only once its requests are done)."""
+        versions = self._versions[name]
+        excess = len(versions) - self.limits.max_versions_per_model
+        if excess <= 0:
+            return []
+        keep = {self._current[name].version, self._pinned.get(name)}
+        spare = sorted((v for v in versions.values() if v.version not in keep),
+                       key=lambda v: (v.in_flight > 0, v.loaded_at))
+        removed = [versions.pop(v.version) for v in spare[:excess]]
+        for version in removed:
+            log.info("%s taken out of service: %d versions loaded, at most %d are kept "
+                     "(SPLITSTACK_SERVING_MAX_VERSIONS_PER_MODEL)", version.label, len(versions) + len(removed),
+                     self.limits.max_versions_per_model)
+        return removed
 
     async def unload(self, name: str, version: str = "") -> None:
         """Take `version` of `name` ("" = every version) out of service and release it once its

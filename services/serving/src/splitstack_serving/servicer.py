@@ -19,12 +19,14 @@ import grpc
 
 from inference import grpc_service_pb2 as pb
 from inference import grpc_service_pb2_grpc as pb_grpc
-from splitstack.chassis.errors import InvalidArgument, status_for
+from splitstack.chassis.errors import InvalidArgument, ResourceExhausted, status_for
 
 from splitstack_serving import __version__, messages
 from splitstack_serving.core import InferenceCore, InferenceResult
+from splitstack_serving.limits import ServingLimits
 from splitstack_serving.repository import ModelRepository
-from splitstack_serving.tensors import InputTensor, decode_raw, decode_typed
+from splitstack_serving.streams import AnswerWindow
+from splitstack_serving.tensors import InputTensor, raw_input, shown, typed_input
 
 log = logging.getLogger(__name__)
 
@@ -32,24 +34,31 @@ SERVICE_NAME = "inference.GRPCInferenceService"
 SERVER_NAME = "splitstack-serving"
 EXTENSIONS = ("model_repository", "model_configuration", "statistics", "parameters")
 TIMEOUT_PARAMETER = "timeout"
-STREAM_CONCURRENCY = 256  # requests of one stream computing at once; the stream waits beyond that
 
 
 def decode_inputs(request: pb.ModelInferRequest) -> list[InputTensor]:
-    """The request's inputs as arrays (zero-copy views of raw contents)."""
+    """The request's inputs as they came (checked against the model and decoded by the core)."""
     inputs = request.inputs
     raw = request.raw_input_contents
     if raw:
         if len(raw) != len(inputs):
             raise InvalidArgument(f"{len(raw)} raw_input_contents for {len(inputs)} inputs: send one raw buffer "
                                   "per input, in input order, or none and typed contents")
-        return [decode_raw(t.name, t.datatype, tuple(t.shape), data) for t, data in zip(inputs, raw)]
-    return [decode_typed(t.name, t.datatype, tuple(t.shape), t.contents) for t in inputs]
+        for tensor in inputs:
+            if tensor.HasField("contents"):
+                raise InvalidArgument(f"input {shown(tensor.name)} has typed contents while the request has "
+                                      "raw_input_contents; send every input one way")
+        return [raw_input(t.name, t.datatype, tuple(t.shape), data) for t, data in zip(inputs, raw)]
+    return [typed_input(t.name, t.datatype, tuple(t.shape), t.contents) for t in inputs]
 
 
-def encode_response(request: pb.ModelInferRequest, result: InferenceResult) -> pb.ModelInferResponse:
-    """The response: the requested outputs as raw contents, the version and its digest."""
+def encode_response(request: pb.ModelInferRequest, result: InferenceResult,
+                    max_bytes: int = 0) -> pb.ModelInferResponse:
+    """The response: the requested outputs as raw contents, the version and its digest. Outputs
+    over `max_bytes` in all (0: no bound) are refused (ResourceExhausted) before they are copied."""
     model = result.model
+    if max_bytes:
+        _check_response_size(result, max_bytes)
     response = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
     response.parameters[messages.SHA256_PARAMETER].string_param = model.sha256
     specs = model.signature.outputs
@@ -64,6 +73,13 @@ def encode_response(request: pb.ModelInferRequest, result: InferenceResult) -> p
     return response
 
 
+def _check_response_size(result: InferenceResult, max_bytes: int) -> None:
+    size = sum(result.outputs[index].nbytes for index in result.output_indices)
+    if size > max_bytes:
+        raise ResourceExhausted(f"the outputs of {result.model.label} for this request are {size} bytes, more than "
+                                f"a message may carry ({max_bytes}); send fewer rows or request fewer outputs")
+
+
 def _timeout_deadline(request: pb.ModelInferRequest, now: float) -> float | None:
     parameter = request.parameters[TIMEOUT_PARAMETER]
     if parameter.WhichOneof("parameter_choice") not in ("int64_param", "uint64_param"):
@@ -75,9 +91,12 @@ def _timeout_deadline(request: pb.ModelInferRequest, now: float) -> float | None
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """The protocol front end: messages in, core calls, messages out."""
 
-    def __init__(self, core: InferenceCore, repository: ModelRepository) -> None:
+    def __init__(self, core: InferenceCore, repository: ModelRepository, limits: ServingLimits | None = None,
+                 max_message_bytes: int = 0) -> None:
         self._core = core
         self._repository = repository
+        self._limits = limits or ServingLimits()
+        self._max_message_bytes = max_message_bytes
 
     async def ServerLive(self, request: pb.ServerLiveRequest,
                          context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
@@ -121,31 +140,40 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     deadline, enforce = timeout, True
         result = await self._core.infer(request.model_name, request.model_version, decode_inputs(request),
                                         [o.name for o in request.outputs], deadline, enforce)
-        return encode_response(request, result)
+        return encode_response(request, result, self._max_message_bytes)
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
                                context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
-        reader = asyncio.ensure_future(self._read_stream(request_iterator, answers))
+        window = AnswerWindow(self._limits.stream_max_pending, self._limits.stream_max_pending_bytes)
+        answers: asyncio.Queue[tuple[pb.ModelStreamInferResponse, int] | None] = asyncio.Queue()
+        reader = asyncio.ensure_future(self._read_stream(request_iterator, answers, window))
         try:
-            while (answer := await answers.get()) is not None:
+            while (item := await answers.get()) is not None:
+                answer, size = item
                 yield answer
+                window.sent(size)
         finally:
             reader.cancel()
+            window.close()
         await reader
 
     async def _read_stream(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
-                           answers: asyncio.Queue) -> None:
-        """Start each request as it arrives (bounded); put every answer, then None, on `answers`."""
-        room = asyncio.Semaphore(STREAM_CONCURRENCY)
+                           answers: asyncio.Queue, window: AnswerWindow) -> None:
+        """Start each request as it arrives while the stream's window has room (requests computing
+        plus answers not yet written); then stop reading, so a client that does not read its answers
+        is held back by flow control instead of growing this server's memory. Put every answer,
+        then None, on `answers`."""
         running: set[asyncio.Task] = set()
         try:
-            async for request in request_iterator:
-                await room.acquire()
-                task = asyncio.ensure_future(self._answer(request, answers))
+            while True:
+                await window.admit()
+                request = await anext(request_iterator, None)
+                if request is None:
+                    window.cancel_admission()
+                    break
+                task = asyncio.ensure_future(self._answer(request, answers, window))
                 running.add(task)
                 task.add_done_callback(running.discard)
-                task.add_done_callback(lambda _: room.release())
             if running:
                 await asyncio.gather(*running)
         finally:
@@ -153,7 +181,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 task.cancel()
             answers.put_nowait(None)
 
-    async def _answer(self, request: pb.ModelInferRequest, answers: asyncio.Queue) -> None:
+    async def _answer(self, request: pb.ModelInferRequest, answers: asyncio.Queue, window: AnswerWindow) -> None:
         try:
             answer = pb.ModelStreamInferResponse(infer_response=await self._infer(request, None))
         except Exception as exc:  # noqa: BLE001 - in a stream every error becomes an error_message
@@ -164,7 +192,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 message = str(exc)
             answer = pb.ModelStreamInferResponse(error_message=message, infer_response=pb.ModelInferResponse(
                 model_name=request.model_name, model_version=request.model_version, id=request.id))
-        answers.put_nowait(answer)
+        size = window.computed(answer)
+        answers.put_nowait((answer, size))
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest,
                               context: grpc.aio.ServicerContext) -> pb.ModelStatisticsResponse:
@@ -182,7 +211,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
                                   context: grpc.aio.ServicerContext) -> pb.RepositoryModelLoadResponse:
-        options = messages.load_options(request.parameters)
+        options = messages.load_options(request.parameters, self._limits)
         await self._repository.load(request.model_name, options.version, config=options.config,
                                     keep_previous=options.keep_previous)
         return pb.RepositoryModelLoadResponse()
