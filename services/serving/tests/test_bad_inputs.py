@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import grpc
 import numpy as np
 import pytest
@@ -283,3 +285,61 @@ async def test_outputs_larger_than_a_message_are_resource_exhausted(serve, oracl
     response = await running.stub.ModelInfer(infer_request("mlp", outputs=("logits",), x=many), timeout=30)
     np.testing.assert_allclose(response_arrays(response)["logits"], oracle.run("mlp", "2", x=many)["logits"],
                                rtol=1e-5, atol=1e-5)
+
+
+# ---- RepositoryModelLoad: overrides within the operator's caps, every parameter checked ----------------
+
+def _param(**value: object) -> pb.ModelRepositoryParameter:
+    return pb.ModelRepositoryParameter(**value)
+
+
+def _config(**config: object) -> dict[str, pb.ModelRepositoryParameter]:
+    return {"config": _param(string_param=json.dumps(config))}
+
+
+LOAD_CASES = {
+    # The report: any max_batch_size was accepted, and warm-up ran a batch of that many rows.
+    "batch over cap": (_config(max_batch_size=100_000),
+                       ["max_batch_size is 100000", "at most 16", "SPLITSTACK_SERVING_LOAD_MAX_BATCH_SIZE"]),
+    "negative batch": (_config(max_batch_size=-1), ["max_batch_size is -1", "must not be negative"]),
+    "delay over cap": (_config(dynamic_batching={"max_queue_delay_microseconds": 10**12}),
+                       ["max_queue_delay_microseconds is 1000000000000", "at most 1000000"]),
+    "queue over cap": (_config(dynamic_batching={"default_queue_policy": {"max_queue_size": 10**9}}),
+                       ["max_queue_size is 1000000000", "at most 8192"]),
+    "instances over cap": (_config(instance_group=[{"count": 1}, {"count": 1000}]),
+                           ["instance_group[1].count is 1000", "at most 8"]),
+    "negative instances": (_config(instance_group=[{"count": -2}]), ["instance_group[0].count is -2"]),
+    "config nested deeply": ({"config": _param(string_param='{"a": ' * 50_000 + "1" + "}" * 50_000)},
+                             ["parameter 'config'"]),
+    "config not JSON": ({"config": _param(string_param="max_batch_size: 4")}, ["not a ModelConfig in JSON"]),
+    "config as a number": ({"config": _param(int64_param=4)}, ["parameter 'config' must be a string"]),
+    "keep_previous as text": ({"keep_previous": _param(string_param="yes")}, ["'keep_previous' must be a bool"]),
+    "negative version": ({"version": _param(int64_param=-3)}, ["'version' must be a positive integer, got -3"]),
+    "version as bytes": ({"version": _param(bool_param=True)}, ["'version' must be a string or int64"]),
+    "version not a number": ({"version": _param(string_param="1; rm -rf /")}, ["not a positive decimal integer"]),
+    "many unknown parameters": ({f"p{i}": _param(bool_param=True) for i in range(1000)},
+                                ["unknown parameter(s)", "and 995 more"]),
+}
+
+
+async def test_load_overrides_past_the_caps_and_bad_load_parameters_are_invalid_argument(serve, oracle) -> None:
+    running = await serve(models=("mlp",), max_batch_size=8, load_max_batch_size=16)
+    stub = running.stub
+    for case, (parameters, fragments) in LOAD_CASES.items():
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="mlp", parameters=parameters),
+                                           timeout=30)
+        details = caught.value.details()
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, f"{case}: {caught.value.code()} {details}"
+        for fragment in fragments:
+            assert fragment in details, f"{case}: {fragment!r} not in {details!r}"
+        assert len(details) < MAX_DETAILS, f"{case}: a {len(details)}-character message"
+    config = (await stub.ModelConfig(pb.ModelConfigRequest(name="mlp"))).config
+    assert config.max_batch_size == 8, "no refused override was loaded (nor warmed up)"
+    await stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="mlp", parameters=_config(
+        max_batch_size=16, dynamic_batching={"max_queue_delay_microseconds": 100}, instance_group=[{"count": 2}])),
+        timeout=30)
+    config = (await stub.ModelConfig(pb.ModelConfigRequest(name="mlp"))).config
+    assert (config.max_batch_size, config.instance_group[0].count) == (16, 2), "an override at the cap is honoured"
+    response = await stub.ModelInfer(infer_request("mlp", x=_x(16)), timeout=10)
+    assert_outputs_match(response_arrays(response), oracle.run("mlp", "2", x=_x(16)))
