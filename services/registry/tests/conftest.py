@@ -3,7 +3,8 @@ through gRPC and NATS, on both backends (SQLite + a local artifact dir; PostgreS
 
 - `shared_registry` (session, params sqlite/postgres): one registry process per backend that most
   tests share; each test works on fresh, uniquely named models and datasets (`api.name(...)`).
-  It runs with `SPLITSTACK_REGISTRY_MAX_UPLOAD_BYTES` = SHARED_MAX_UPLOAD_BYTES.
+  It runs with `SPLITSTACK_REGISTRY_MAX_UPLOAD_BYTES` = SHARED_MAX_UPLOAD_BYTES and
+  `SPLITSTACK_REGISTRY_MAX_DATASET_ARRAY_BYTES` = SHARED_MAX_DATASET_ARRAY_BYTES.
 - `channel`, `stub`, `api`, `events`, `new_client`: a grpc.aio channel / RegistryStub / RegistryApi
   (helpers for the multi-step set-up) / EventLog on that shared registry, and a factory of further
   clients (own channels); every call gets a default deadline.
@@ -15,7 +16,8 @@ through gRPC and NATS, on both backends (SQLite + a local artifact dir; PostgreS
 
 Helpers reach the tests through these fixtures (test modules cannot import this file in importlib
 mode): `api.fails(call, code, *words)`, `api.refused_upload(...)`, `api.state.stored_files()` /
-`blobs_named(sha256)` (what the blob store holds), `events.read/wait_for/exactly(pattern, ...)`.
+`blobs_named(sha256)` (what the blob store holds), `api.state.outbox_subjects(prefix)` (outbox rows),
+`api.state.plant_blob(data)` (an orphan blob), `events.read/wait_for/exactly(pattern, ...)`.
 
 Every process writes stdout/stderr to a log file; when a test fails, the part of each log written
 during that test is attached to its report.
@@ -58,6 +60,7 @@ BACKENDS = ("sqlite", "postgres")
 REGISTRY_SERVICE = "splitstack.registry.v1.Registry"
 MIB = 1024 * 1024
 SHARED_MAX_UPLOAD_BYTES = 12 * MIB
+SHARED_MAX_DATASET_ARRAY_BYTES = 64 * MIB
 START_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 20.0
 RPC_TIMEOUT_SECONDS = 60.0
@@ -132,6 +135,29 @@ class RegistryState:
     def blobs_named(self, sha256: str) -> dict[str, int]:
         """The stored things whose name carries `sha256` (a content-addressed store has one)."""
         return {name: size for name, size in self.stored_files().items() if sha256 in name}
+
+    def outbox_subjects(self, prefix: str) -> list[str]:
+        """Subjects of the outbox rows (published or not) that start with `prefix`, straight from the database."""
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(self.env["SPLITSTACK_REGISTRY_DATABASE_URL"])
+        try:
+            with engine.connect() as conn:
+                rows = conn.execute(sqlalchemy.text("SELECT subject FROM outbox")).scalars()
+                return [subject for subject in rows if subject.startswith(prefix)]
+        finally:
+            engine.dispose()
+
+    def plant_blob(self, data: bytes) -> str:
+        """Store `data` as a blob the way the registry would, behind its back (an orphan); its digest."""
+        digest = sha256_of(data)
+        if self.s3 is None:
+            path = self.artifact_dir / "sha256" / digest[:2] / digest
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        else:
+            self.s3.put_object(Bucket=self.bucket, Key=f"blobs/sha256/{digest}", Body=data)
+        return digest
 
 
 def _files_under(directory: Path | None, prefix: str) -> dict[str, int]:
@@ -714,7 +740,9 @@ def shared_registry(request: pytest.FixtureRequest, tmp_path_factory: pytest.Tem
         state = make_state(request.param, root, request, url)
         launcher = RegistryLauncher(state, shared_nats.url)
         stack.callback(launcher.stop_all)
-        process = launcher.start_sync("shared", {"SPLITSTACK_REGISTRY_MAX_UPLOAD_BYTES": str(SHARED_MAX_UPLOAD_BYTES)})
+        process = launcher.start_sync("shared", {
+            "SPLITSTACK_REGISTRY_MAX_UPLOAD_BYTES": str(SHARED_MAX_UPLOAD_BYTES),
+            "SPLITSTACK_REGISTRY_MAX_DATASET_ARRAY_BYTES": str(SHARED_MAX_DATASET_ARRAY_BYTES)})
         yield Deployment(state, launcher, [process])
 
 

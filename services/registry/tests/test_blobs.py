@@ -37,6 +37,7 @@ class BlobSettings:
 
     artifact_dir: str
     spool_dir: str
+    spool_min_free_bytes: int = 0
     s3_bucket: str = ""
     s3_endpoint_url: str = ""
     s3_region: str = "us-east-1"

@@ -11,27 +11,22 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from splitstack.chassis.errors import FailedPrecondition, NotFound
-from splitstack.contracts.names import check_name
 from splitstack.registry.v1 import registry_pb2 as pb
 from splitstack_registry import events, records
 from splitstack_registry.lookups import require_alias, require_model, require_version
 from splitstack_registry.store import Tx
-from splitstack_registry.validation import check_text, check_version
+from splitstack_registry.validation import check_alias_move, check_version
 
 
 def check_set(request: pb.SetAliasRequest) -> None:
-    """Stateless checks of a SetAlias request."""
-    check_name("model", request.model)
-    check_name("alias", request.alias)
+    """Stateless checks of a SetAlias request (names, version, bounded actor and reason)."""
+    check_alias_move(request)
     check_version("version", request.version)
-    check_text("actor", request.actor)
 
 
 def check_delete(request: pb.DeleteAliasRequest) -> None:
-    """Stateless checks of a DeleteAlias request."""
-    check_name("model", request.model)
-    check_name("alias", request.alias)
-    check_text("actor", request.actor)
+    """Stateless checks of a DeleteAlias request (names, bounded actor and reason)."""
+    check_alias_move(request)
 
 
 def set_alias(tx: Tx, request: pb.SetAliasRequest) -> pb.Alias:

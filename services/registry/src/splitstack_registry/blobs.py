@@ -11,11 +11,13 @@ verified file is made visible, in one atomic step:
   Within a process concurrent uploads of one digest upload once; two replicas racing may both PUT
   the same bytes to the same key, which leaves one, correct object.
 
-A crash mid-upload leaves only a spool file. Each store owns a spool sub-directory for its life
-through an flock that the kernel drops when the process dies (even on SIGKILL), so a store opening
-later removes every spool directory whose lock it can take — and never one of a live replica.
+A crash mid-upload leaves only a spool file, which the next store opening the spool removes
+(spool.py: private flock'd spool directories, room reserved and checked before and while writing).
+A crash or a failed transaction after publishing leaves a blob that nothing references; the orphan
+sweeper (sweeper.py) lists old blobs (`stored_before`), and deletes those no row references
+(`delete_sync`), together with S3 multipart uploads a killed process abandoned.
 Reading streams chunks; nothing holds a whole blob in memory. Blocking file and boto3 calls run
-in `asyncio.to_thread`.
+in `asyncio.to_thread` (the `*_sync` methods are for callers already in a worker thread).
 """
 
 from __future__ import annotations
@@ -23,21 +25,19 @@ from __future__ import annotations
 import abc
 import asyncio
 import errno
-import fcntl
 import hashlib
 import logging
 import os
 import re
-import secrets
-import shutil
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
 from splitstack.chassis.errors import InvalidArgument, NotFound
 from splitstack.chassis.faults import crash_point
+from splitstack_registry.spool import SpoolDir, SpoolReservation, sweep_stale_spools
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,15 @@ class BlobStore(Protocol):
     """Where verified, immutable blobs live, addressed by their SHA-256."""
 
     async def put_verified(self, chunks: AsyncIterator[bytes], *, sha256: str, size: int,
-                           max_bytes: int) -> BlobInfo: ...
+                           max_bytes: int, inspect: Callable[[Path], None] | None = None) -> BlobInfo: ...
+
+    def exists_sync(self, sha256: str) -> bool: ...
+
+    def stored_before(self, cutoff: float) -> Iterator[list[str]]: ...
+
+    def delete_sync(self, sha256: str) -> None: ...
+
+    def abandoned_parts_before(self, cutoff: float) -> int: ...
 
     async def exists(self, sha256: str) -> bool: ...
 
@@ -87,83 +95,22 @@ def check_declared_size(size: object, max_bytes: int) -> int:
     return size
 
 
-class SpoolDir:
-    """This store's private directory for in-flight uploads, held by an flock on `<id>.lock`."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-        sweep_stale_spools(root)
-        self._lock_file, self.path = _claim_spool(root)
-
-    def new_file(self, sha256: str) -> tuple[Path, BinaryIO]:
-        """A fresh, empty spool file for an upload of `sha256`, open for writing."""
-        fd, name = tempfile.mkstemp(prefix=f"{sha256[:16]}.", suffix=".part", dir=self.path)
-        return Path(name), os.fdopen(fd, "wb")
-
-    def close(self) -> None:
-        """Remove this store's spool directory and release its lock."""
-        if self._lock_file.closed:
-            return
-        shutil.rmtree(self.path, ignore_errors=True)
-        Path(self._lock_file.name).unlink(missing_ok=True)
-        self._lock_file.close()
-
-
-def _claim_spool(root: Path) -> tuple[BinaryIO, Path]:
-    """Create and lock `<root>/<id>.lock`, then make `<root>/<id>/`; retry if a sweeper got there first."""
-    while True:
-        name = f"{os.getpid()}-{secrets.token_hex(6)}"
-        lock_path = root / f"{name}.lock"
-        lock_file = open(lock_path, "xb")
-        try:
-            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock_file.close()
-            continue
-        if _same_file(lock_file, lock_path):
-            (root / name).mkdir()
-            return lock_file, root / name
-        lock_file.close()
-
-
-def _same_file(opened: BinaryIO, path: Path) -> bool:
-    try:
-        return os.stat(path).st_ino == os.fstat(opened.fileno()).st_ino
-    except FileNotFoundError:
-        return False
-
-
-def sweep_stale_spools(root: Path) -> int:
-    """Remove the spool directories of stores that died (their lock is free); return files removed."""
-    removed = 0
-    for lock_path in sorted(root.glob("*.lock")):
-        try:
-            lock_file = open(lock_path, "rb")
-        except FileNotFoundError:
-            continue
-        with lock_file:
-            try:
-                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue
-            stale = root / lock_path.stem
-            removed += sum(1 for p in stale.rglob("*") if p.is_file()) if stale.is_dir() else 0
-            shutil.rmtree(stale, ignore_errors=True)
-            lock_path.unlink(missing_ok=True)
-    if removed:
-        log.warning("removed %d stale spool file(s) of interrupted uploads under %s", removed, root)
-    return removed
-
-
 class IncomingBlob:
     """One upload being received: counted and hashed as it arrives, spooled unless already stored."""
 
     def __init__(self, expected: BlobInfo, spool: SpoolDir | None) -> None:
         self.expected = expected
-        self.path, self._file = spool.new_file(expected.sha256) if spool else (None, None)
+        self.path: Path | None = None
+        self._file: BinaryIO | None = None
+        self._room: SpoolReservation | None = spool.reserve(expected.size) if spool else None
         self._hasher = hashlib.sha256()
         self.received = 0
+        if spool is not None:
+            try:
+                self.path, self._file = spool.new_file(expected.sha256)
+            except BaseException:
+                self.discard()
+                raise
 
     async def receive(self, chunks: AsyncIterator[bytes], *, durable: bool) -> None:
         """Consume `chunks`, stopping at the first byte past the declared size; then verify."""
@@ -184,6 +131,8 @@ class IncomingBlob:
         self._hasher.update(chunk)
         if self._file is not None:
             self._file.write(chunk)
+        if self._room is not None:
+            self._room.written(len(chunk))   # and checks that the spool's filesystem still has room
 
     def _verify(self) -> None:
         if self.received != self.expected.size:
@@ -204,15 +153,20 @@ class IncomingBlob:
         self._file.close()
 
     def discard(self) -> None:
-        """Close and delete the spool file, whatever happened."""
+        """Close and delete the spool file and give back its room, whatever happened."""
         if self._file is not None:
             self._file.close()
         if self.path is not None:
             self.path.unlink(missing_ok=True)
+        if self._room is not None:
+            self._room.release()
+
+
+Inspection = Callable[[Path], None]
 
 
 class _SpoolingBlobStore(abc.ABC):
-    """The upload path both stores share; subclasses say how a verified file is published."""
+    """The upload path both stores share; subclasses say how a verified file is published and swept."""
 
     durable_spool = False
 
@@ -224,18 +178,40 @@ class _SpoolingBlobStore(abc.ABC):
         """True when the blob `sha256` is stored (and so complete and verified)."""
 
     @abc.abstractmethod
+    def exists_sync(self, sha256: str) -> bool:
+        """`exists`, blocking (for a database thread that checks a blob inside its transaction)."""
+
+    @abc.abstractmethod
+    def stored_before(self, cutoff: float) -> Iterator[list[str]]:
+        """Digests of the blobs last written before `cutoff` (epoch seconds), in pages (blocking)."""
+
+    @abc.abstractmethod
+    def delete_sync(self, sha256: str) -> None:
+        """Remove the blob `sha256` if it is there (blocking; only the orphan sweeper calls this)."""
+
+    def abandoned_parts_before(self, cutoff: float) -> int:
+        """Remove half-written publications begun before `cutoff`; how many (blocking)."""
+        return 0
+
+    @abc.abstractmethod
     async def _publish(self, spool_path: Path, sha256: str) -> None:
         """Make the verified file at `spool_path` visible as blob `sha256`, unless it is already."""
 
     async def put_verified(self, chunks: AsyncIterator[bytes], *, sha256: str, size: int,
-                           max_bytes: int) -> BlobInfo:
-        """Receive, verify and store `chunks`; see the module docstring for the guarantees."""
+                           max_bytes: int, inspect: Inspection | None = None) -> BlobInfo:
+        """Receive, verify and store `chunks`; see the module docstring for the guarantees.
+
+        `inspect(path)` (blocking, run in a thread) sees the verified content before it is published
+        and refuses it by raising; with it the content is spooled even when the blob is stored already.
+        """
         expected = BlobInfo(check_sha256(sha256), check_declared_size(size, max_bytes))
-        already_stored = await self.exists(expected.sha256)
+        already_stored = inspect is None and await self.exists(expected.sha256)
         incoming = IncomingBlob(expected, None if already_stored else self.spool)
         try:
             await incoming.receive(chunks, durable=self.durable_spool)
             if incoming.path is not None:
+                if inspect is not None:
+                    await asyncio.to_thread(inspect, incoming.path)
                 await self._publish(incoming.path, expected.sha256)
         finally:
             incoming.discard()
@@ -251,11 +227,11 @@ class LocalBlobStore(_SpoolingBlobStore):
 
     durable_spool = True
 
-    def __init__(self, root: Path, spool_root: Path | None = None) -> None:
+    def __init__(self, root: Path, spool_root: Path | None = None, *, spool_min_free_bytes: int = 0) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         spool_root = Path(spool_root) if spool_root else self.root / ".spool"
-        super().__init__(SpoolDir(spool_root))
+        super().__init__(SpoolDir(spool_root, spool_min_free_bytes))
         if os.stat(spool_root).st_dev != os.stat(self.root).st_dev:
             self.spool.close()
             raise ValueError(f"spool_dir {spool_root} must be on the same filesystem as artifact_dir "
@@ -266,7 +242,26 @@ class LocalBlobStore(_SpoolingBlobStore):
         return self.root / "sha256" / sha256[:2] / sha256
 
     async def exists(self, sha256: str) -> bool:
-        return await asyncio.to_thread(self.path_for(check_sha256(sha256)).is_file)
+        return await asyncio.to_thread(self.exists_sync, sha256)
+
+    def exists_sync(self, sha256: str) -> bool:
+        return self.path_for(check_sha256(sha256)).is_file()
+
+    def stored_before(self, cutoff: float) -> Iterator[list[str]]:
+        """Digests of the files linked into place before `cutoff` (a link sets the file's ctime)."""
+        for shard in sorted((self.root / "sha256").glob("??")):
+            old = []
+            for path in shard.iterdir():
+                try:
+                    if SHA256_PATTERN.fullmatch(path.name) and path.lstat().st_ctime < cutoff:
+                        old.append(path.name)
+                except FileNotFoundError:
+                    continue
+            if old:
+                yield old
+
+    def delete_sync(self, sha256: str) -> None:
+        self.path_for(check_sha256(sha256)).unlink(missing_ok=True)
 
     async def size(self, sha256: str) -> int:
         path = self.path_for(check_sha256(sha256))
@@ -331,10 +326,10 @@ class S3BlobStore(_SpoolingBlobStore):
     """Blobs as objects `<prefix>/sha256/<digest>` in an S3 bucket (boto3, run in threads)."""
 
     def __init__(self, client: Any, bucket: str, *, prefix: str = "blobs", spool_root: Path | None = None,
-                 multipart_bytes: int = MULTIPART_BYTES) -> None:
+                 multipart_bytes: int = MULTIPART_BYTES, spool_min_free_bytes: int = 0) -> None:
         from boto3.s3.transfer import TransferConfig
 
-        super().__init__(SpoolDir(Path(spool_root) if spool_root else S3_DEFAULT_SPOOL))
+        super().__init__(SpoolDir(Path(spool_root) if spool_root else S3_DEFAULT_SPOOL, spool_min_free_bytes))
         self.client = client
         self.bucket = bucket
         self.prefix = prefix.strip("/")
@@ -348,6 +343,34 @@ class S3BlobStore(_SpoolingBlobStore):
 
     async def exists(self, sha256: str) -> bool:
         return await self._head(check_sha256(sha256)) is not None
+
+    def exists_sync(self, sha256: str) -> bool:
+        return self._head_sync(check_sha256(sha256)) is not None
+
+    @property
+    def _blob_prefix(self) -> str:
+        return self.key_for("")
+
+    def stored_before(self, cutoff: float) -> Iterator[list[str]]:
+        """Digests of the objects last modified before `cutoff`, a listing page at a time."""
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._blob_prefix)
+        for page in pages:
+            old = [name for o in page.get("Contents", [])
+                   if SHA256_PATTERN.fullmatch(name := o["Key"][len(self._blob_prefix):])
+                   and o["LastModified"].timestamp() < cutoff]
+            if old:
+                yield old
+
+    def delete_sync(self, sha256: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self.key_for(check_sha256(sha256)))
+
+    def abandoned_parts_before(self, cutoff: float) -> int:
+        """Abort the multipart uploads of blobs begun before `cutoff` (left by a killed process)."""
+        listing = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=self._blob_prefix)
+        stale = [u for u in listing.get("Uploads", []) if u["Initiated"].timestamp() < cutoff]
+        for upload in stale:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+        return len(stale)
 
     async def size(self, sha256: str) -> int:
         head = await self._head(check_sha256(sha256))
@@ -363,10 +386,13 @@ class S3BlobStore(_SpoolingBlobStore):
         return self._read_object(self.key_for(sha256), chunk_bytes)
 
     async def _head(self, sha256: str) -> dict[str, Any] | None:
+        return await asyncio.to_thread(self._head_sync, sha256)
+
+    def _head_sync(self, sha256: str) -> dict[str, Any] | None:
         from botocore.exceptions import ClientError
 
         try:
-            return await asyncio.to_thread(self.client.head_object, Bucket=self.bucket, Key=self.key_for(sha256))
+            return self.client.head_object(Bucket=self.bucket, Key=self.key_for(sha256))
         except ClientError as exc:
             if str(exc.response.get("Error", {}).get("Code")) in _S3_MISSING:
                 return None
@@ -409,10 +435,12 @@ def open_blob_store(settings: Any) -> LocalBlobStore | S3BlobStore:
     """The store `settings` name: S3 when `s3_bucket` is set, else `artifact_dir`; stale spools removed.
 
     `settings` is a RegistrySettings or anything with its fields artifact_dir, s3_bucket,
-    s3_endpoint_url, s3_region, s3_prefix, s3_access_key_id, s3_secret_access_key, spool_dir.
+    s3_endpoint_url, s3_region, s3_prefix, s3_access_key_id, s3_secret_access_key, spool_dir,
+    spool_min_free_bytes.
     """
     spool_root = Path(settings.spool_dir) if settings.spool_dir else None
     if settings.s3_bucket:
         return S3BlobStore(s3_client(settings), settings.s3_bucket, prefix=settings.s3_prefix,
-                           spool_root=spool_root)
-    return LocalBlobStore(Path(settings.artifact_dir), spool_root)
+                           spool_root=spool_root, spool_min_free_bytes=settings.spool_min_free_bytes)
+    return LocalBlobStore(Path(settings.artifact_dir), spool_root,
+                          spool_min_free_bytes=settings.spool_min_free_bytes)

@@ -23,10 +23,9 @@ from typing import TypeVar
 
 from sqlalchemy.exc import OperationalError
 
-from splitstack.chassis.errors import InvalidArgument, Unavailable
+from splitstack.chassis.errors import Aborted, InvalidArgument, Unavailable
 from splitstack.chassis.faults import crash_point
 from splitstack.common.v1 import common_pb2
-from splitstack.contracts.names import check_name
 from splitstack.registry.v1 import registry_pb2 as pb
 from splitstack_registry import aliases, artifacts, datasets, records, versions
 from splitstack_registry.artifacts import CONVERSION_KINDS
@@ -34,13 +33,15 @@ from splitstack_registry.blobs import BlobStore, check_declared_size
 from splitstack_registry.lookups import require_model, require_version
 from splitstack_registry.store import Store, Tx
 from splitstack_registry.validation import (
-    check_enum, check_lineage, check_metadata, check_names, check_policy, check_primary_metric, check_sha256,
-    check_text, check_version, decode_page_token, encode_page_token, page_size,
+    check_artifact_texts, check_candidates, check_create_version, check_enum, check_long, check_model,
+    check_name, check_policy, check_sha256, check_short, check_version, decode_page_token, encode_page_token,
+    page_size,
 )
 from splitstack_registry.versions import kind_name, new_uid
 
 T = TypeVar("T")
 AFTER_COMMIT = "registry.after_commit"
+BEFORE_RECORD = "registry.upload.before_record"   # a blob is stored, the row referencing it not yet written
 DATABASE_THREADS = 8
 DEFAULT_POLICY = pb.PromotionPolicy(mode=pb.PromotionPolicy.MANUAL)
 
@@ -56,10 +57,12 @@ class Registry:
     """Every operation of the registry API, independent of gRPC."""
 
     def __init__(self, store: Store, blobs: BlobStore, *, max_upload_bytes: int, chunk_bytes: int,
-                 on_events: Callable[[], None] = lambda: None, database_threads: int = DATABASE_THREADS) -> None:
+                 max_dataset_array_bytes: int | None = None, on_events: Callable[[], None] = lambda: None,
+                 database_threads: int = DATABASE_THREADS) -> None:
         self.store = store
         self.blobs = blobs
         self.max_upload_bytes = max_upload_bytes
+        self.max_dataset_array_bytes = max_dataset_array_bytes or 4 * max_upload_bytes
         self.chunk_bytes = chunk_bytes
         self._on_events = on_events
         # Transactions run in threads of their own: a writer waiting for SQLite's lock must never
@@ -94,14 +97,25 @@ class Registry:
             self._on_events()
         return result
 
+    async def write_referencing(self, sha256: str, fn: Callable[[Tx], T]) -> T:
+        """`write` a row that references blob `sha256`: under the blob's lock, and only while it is stored,
+        so the orphan sweeper (which takes the same lock) never deletes a blob that a row refers to."""
+        crash_point(BEFORE_RECORD)
+
+        def referencing(tx: Tx) -> T:
+            tx.lock_blob(sha256)
+            if not self.blobs.exists_sync(sha256):
+                raise Aborted(f"sha256: the content {sha256} was removed as unreferenced (orphan sweep) while "
+                              "this upload was in flight; upload it again")
+            return fn(tx)
+
+        return await self.write(referencing)
+
     # ---- models -------------------------------------------------------------------------------
 
     async def create_model(self, model: pb.Model) -> pb.Model:
         """Create a model; the same model again returns it, a different one is ALREADY_EXISTS."""
-        check_name("model.name", model.name)
-        check_names("model.required_targets", model.required_targets)
-        check_primary_metric("model.primary_metric", model.primary_metric)
-        check_metadata("model.labels", model.labels)
+        check_model("model", model)
         policy = model.promotion_policy
         if policy == pb.PromotionPolicy():
             policy = DEFAULT_POLICY
@@ -121,16 +135,14 @@ class Registry:
         """Replace a model's promotion policy (the one mutable part of a model)."""
         check_name("model", model)
         check_policy("policy", policy)
-        check_text("actor", actor)
+        check_short("actor", actor)
         return await self.write(partial(versions.set_policy, model=model, policy=policy, actor=actor))
 
     # ---- versions -----------------------------------------------------------------------------
 
     async def create_version(self, request: pb.CreateVersionRequest) -> pb.ModelVersion:
         """A new PENDING version numbered n+1; a retry with the same idempotency key returns it."""
-        check_name("model", request.model)
-        check_text("idempotency_key", request.idempotency_key)
-        check_lineage(request.lineage)
+        check_create_version(request)
         return await self.write(partial(versions.create_version, request=request))
 
     async def get_version(self, model: str, version: int) -> pb.ModelVersion:
@@ -167,7 +179,7 @@ class Registry:
             return existing
         await self.blobs.put_verified(chunks, sha256=header.sha256, size=header.size_bytes,
                                       max_bytes=self.max_upload_bytes)
-        return await self.write(partial(artifacts.add_artifact, header=header))
+        return await self.write_referencing(header.sha256, partial(artifacts.add_artifact, header=header))
 
     def _check_artifact_header(self, header: pb.ArtifactHeader) -> None:
         _check_version_ref(header.model, header.version)
@@ -181,8 +193,7 @@ class Registry:
                                   f"(only ONNX and TENSORRT_PLAN artifacts belong to a target)")
         check_sha256("sha256", header.sha256)
         check_declared_size(header.size_bytes, self.max_upload_bytes)
-        check_text("filename", header.filename)
-        check_metadata("metadata", header.metadata)
+        check_artifact_texts(header)
 
     async def list_artifacts(self, model: str, version: int) -> list[pb.Artifact]:
         _check_version_ref(model, version)
@@ -209,10 +220,8 @@ class Registry:
         _check_version_ref(request.model, request.version)
         check_name("target", request.target)
         check_sha256("artifact_sha256", request.artifact_sha256)
-        for i, candidate in enumerate(request.candidates):
-            check_enum(f"candidates[{i}].format", common_pb2.ModelFormat, candidate.format)
-            if candidate.artifact_sha256:
-                check_sha256(f"candidates[{i}].artifact_sha256", candidate.artifact_sha256)
+        check_candidates("candidates", request.candidates)
+        check_long("reason", request.reason)
         return await self.write(partial(artifacts.set_serving_choice, request=request))
 
     async def get_serving_choice(self, model: str, version: int, target: str) -> pb.ServingChoice:
@@ -243,8 +252,10 @@ class Registry:
         existing = await self.read(partial(datasets.existing_version, header=header))
         if existing is not None:
             return existing
-        rows = await datasets.store_and_count_rows(self.blobs, header, chunks, self.max_upload_bytes)
-        return await self.write(partial(datasets.add_version, header=header, row_count=rows))
+        rows = await datasets.store_and_count_rows(self.blobs, header, chunks, self.max_upload_bytes,
+                                                   self.max_dataset_array_bytes)
+        return await self.write_referencing(header.sha256, partial(datasets.add_version, header=header,
+                                                                   row_count=rows))
 
     async def get_dataset_version(self, dataset: str, version: int) -> pb.DatasetVersion:
         datasets.check_version_ref(dataset, version)

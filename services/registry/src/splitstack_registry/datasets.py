@@ -1,46 +1,38 @@
 """Datasets: named collections of immutable .npz versions, each announced as data.updated.
 
 A dataset version is numbered n+1 under the dataset row's lock, carries the digest, size and
-row count of its blob, and commits together with its event. Its blob is checked while it streams
-in: the registry keeps a scratch copy and, when the stream ends, opens it as an .npz and counts
-the rows of its first array (or of `inputs` / `x` when present) before the blob store may publish
-the blob, so content that is no .npz is rejected without anything being stored.
+row count of its blob, and commits together with its event. Its blob is checked before it is
+published: once the stream is verified, npz.py inspects the spool file (a plain, intact .npz of
+bounded size, see there) and counts the rows of `inputs`, `x` or its first array, so content that
+is no such .npz is rejected without anything being stored.
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
-import tempfile
-import zipfile
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, BinaryIO
-
-import numpy as np
 
 from splitstack.chassis.errors import AlreadyExists, InvalidArgument
-from splitstack.contracts.names import check_name
 from splitstack.registry.v1 import registry_pb2 as pb
-from splitstack_registry import events, records
+from splitstack_registry import events, npz, records
+from splitstack_registry.blobs import BlobStore
 from splitstack_registry.lookups import require_dataset, require_dataset_version
 from splitstack_registry.store import Tx
-from splitstack_registry.validation import check_metadata, check_sha256, check_text
+from splitstack_registry.validation import check_long, check_metadata, check_name, check_sha256, check_short
 from splitstack_registry.versions import differing_fields
-
-ROW_ARRAYS = ("inputs", "x")        # counted in preference to the first array
 
 
 def check_dataset(dataset: pb.Dataset) -> None:
-    """Stateless checks of a CreateDataset request."""
+    """Stateless checks of a CreateDataset request: the name and a bounded description."""
     check_name("dataset.name", dataset.name)
+    check_long("dataset.description", dataset.description)
 
 
 def check_header(header: pb.DatasetVersionHeader) -> None:
     """Stateless checks of a dataset version upload's header (the size limit is the caller's)."""
     check_name("dataset", header.dataset)
     check_sha256("sha256", header.sha256)
-    check_text("idempotency_key", header.idempotency_key)
+    check_short("idempotency_key", header.idempotency_key)
     check_metadata("metadata", header.metadata)
 
 
@@ -119,67 +111,15 @@ def list_versions(tx: Tx, dataset: str, after: int, limit: int) -> list[pb.Datas
 
 # ---- the blob: stored only when it is an .npz ---------------------------------------------------
 
-async def store_and_count_rows(blobs: Any, header: pb.DatasetVersionHeader, chunks: AsyncIterator[bytes],
-                               max_bytes: int) -> int:
-    """Hand the chunks to the blob store, counting the .npz rows before it may publish the blob."""
-    path, scratch = _scratch_file(blobs, header.sha256)
+async def store_and_count_rows(blobs: BlobStore, header: pb.DatasetVersionHeader, chunks: AsyncIterator[bytes],
+                               max_bytes: int, max_array_bytes: int) -> int:
+    """Hand the chunks to the blob store, which lets npz.py inspect the verified content (and count its
+    rows) before the blob may be published: content that is no plain, intact .npz is never stored."""
     rows: list[int] = []
 
-    async def checked_chunks() -> AsyncIterator[bytes]:
-        received = 0
-        async for chunk in chunks:
-            received += len(chunk)
-            if received <= header.size_bytes:
-                await asyncio.to_thread(scratch.write, chunk)
-            yield chunk
-        if received == header.size_bytes:  # otherwise the blob store rejects the size
-            await asyncio.to_thread(scratch.close)
-            rows.append(await asyncio.to_thread(count_rows, path))
+    def inspect(path: Path) -> None:
+        rows.append(npz.count_rows(path, max_array_bytes))
 
-    try:
-        await blobs.put_verified(checked_chunks(), sha256=header.sha256, size=header.size_bytes,
-                                 max_bytes=max_bytes)
-    finally:
-        scratch.close()
-        path.unlink(missing_ok=True)
-    if not rows:
-        raise InvalidArgument(f"size_bytes: the upload did not deliver the declared {header.size_bytes} bytes")
+    await blobs.put_verified(chunks, sha256=header.sha256, size=header.size_bytes, max_bytes=max_bytes,
+                             inspect=inspect)
     return rows[0]
-
-
-def _scratch_file(blobs: Any, sha256: str) -> tuple[Path, BinaryIO]:
-    """A private scratch file: in the blob store's spool (swept after a crash) when it has one."""
-    spool = getattr(blobs, "spool", None)
-    if spool is not None:
-        path, handle = spool.new_file(f"rows-{sha256}")
-        return path, handle
-    fd, name = tempfile.mkstemp(prefix="splitstack-registry-rows-", suffix=".npz")
-    return Path(name), os.fdopen(fd, "wb")
-
-
-def count_rows(path: Path) -> int:
-    """Rows of the .npz at `path`: the length of `inputs`, `x`, or else its first array."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            arrays = [n for n in archive.namelist() if n.endswith(".npy")]
-            if not arrays:
-                raise InvalidArgument("dataset content is a zip archive without .npy arrays, not an .npz")
-            name = next((f"{k}.npy" for k in ROW_ARRAYS if f"{k}.npy" in arrays), arrays[0])
-            with archive.open(name) as member:
-                shape = _npy_shape(member, name)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as exc:
-        raise InvalidArgument(f"dataset content is not an .npz archive ({exc})") from None
-    if not shape:
-        raise InvalidArgument(f"array {name[:-4]!r} of the .npz is a scalar: it has no rows to count")
-    return int(shape[0])
-
-
-def _npy_shape(member: BinaryIO, name: str) -> tuple[int, ...]:
-    """The shape in an .npy header, read without loading the array."""
-    try:
-        version = np.lib.format.read_magic(member)
-        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _fortran, _dtype = reader(member)
-    except (ValueError, OSError) as exc:
-        raise InvalidArgument(f"member {name!r} of the .npz is not a valid .npy array ({exc})") from None
-    return tuple(shape)

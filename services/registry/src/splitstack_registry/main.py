@@ -2,9 +2,10 @@
 
 Start-up: read RegistrySettings once, migrate the database to head, open the blob store (which
 sweeps spool files of crashed uploads), connect to NATS and declare the contract streams, start
-the outbox relay as a background task (woken after every commit that added events), register
-the servicer and serve. Shutdown is the chassis's one path: SIGTERM -> health NOT_SERVING ->
-in-flight RPCs drain -> the relay finishes its batch -> the bus drains -> blobs and engine close.
+the outbox relay as a background task (woken after every commit that added events), start the
+orphan sweeper (unreferenced blobs, now and periodically), register the servicer and serve.
+Shutdown is the chassis's one path: SIGTERM -> health NOT_SERVING -> in-flight RPCs drain -> the
+relay finishes its batch -> the bus drains -> blobs and engine close.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from splitstack_registry.core import Registry
 from splitstack_registry.migrations import upgrade_to_head
 from splitstack_registry.servicer import SERVICE_NAME as GRPC_SERVICE, RegistryServicer
 from splitstack_registry.store import Store, open_engine
+from splitstack_registry.sweeper import OrphanSweeper
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +54,15 @@ async def _assemble(runtime: ServiceRuntime, settings: RegistrySettings) -> None
     await bus.ensure_streams()
     relay = OutboxRelay(engine, tables.outbox, bus, poll_interval=settings.relay_poll_seconds)
     runtime.start_task(relay.run_until_cancelled(RELAY_STOP_SECONDS), name="outbox-relay")
-    core = Registry(Store(engine, Outbox(tables.outbox, settings.producer)), blobs,
-                    max_upload_bytes=settings.max_upload_bytes, chunk_bytes=settings.chunk_bytes,
-                    on_events=relay.wake)
+    store = Store(engine, Outbox(tables.outbox, settings.producer))
+    core = Registry(store, blobs, max_upload_bytes=settings.max_upload_bytes, chunk_bytes=settings.chunk_bytes,
+                    max_dataset_array_bytes=settings.max_dataset_array_bytes, on_events=relay.wake)
     runtime.exit_stack.callback(core.close)
-    runtime.add_service(registry_pb2_grpc.add_RegistryServicer_to_server, RegistryServicer(core), GRPC_SERVICE)
+    sweeper = OrphanSweeper(store, blobs, grace_seconds=settings.orphan_grace_seconds,
+                            interval_seconds=settings.orphan_sweep_seconds)
+    runtime.start_task(sweeper.run_until_cancelled(), name="orphan-sweeper")
+    servicer = RegistryServicer(core, upload_idle_seconds=settings.upload_idle_seconds)
+    runtime.add_service(registry_pb2_grpc.add_RegistryServicer_to_server, servicer, GRPC_SERVICE)
 
 
 async def serve() -> None:

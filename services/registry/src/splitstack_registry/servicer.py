@@ -1,29 +1,51 @@
 """The gRPC adapter of splitstack.registry.v1.Registry: requests to core.Registry calls and back.
 
 Nothing here decides anything. Client-streaming uploads become (header, chunk iterator) pairs;
-downloads stream the record first, then the content in chunks. Domain errors pass through to the
-chassis interceptor, which turns them into status codes.
+a client that sends nothing for `upload_idle_seconds` (before its header or between chunks) is cut
+off with DEADLINE_EXCEEDED, and the upload's partial spool file goes with it. Downloads stream the
+record first, then the content in chunks. Domain errors pass through to the chassis interceptor,
+which turns them into status codes.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
-from splitstack.chassis.errors import InvalidArgument
+from splitstack.chassis.errors import DeadlineExceeded, InvalidArgument
 from splitstack.registry.v1 import registry_pb2 as pb
 from splitstack.registry.v1 import registry_pb2_grpc
 from splitstack_registry.core import Registry
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Registry"].full_name
 Context = grpc.aio.ServicerContext
+T = TypeVar("T")
+DEFAULT_UPLOAD_IDLE_SECONDS = 60.0
+IDLE_KNOB = "SPLITSTACK_REGISTRY_UPLOAD_IDLE_SECONDS"
 
 
-async def split_upload(requests: AsyncIterator[Any], what: str) -> tuple[Any, AsyncIterator[bytes]]:
-    """The header of an upload stream (its first message) and an iterator over the chunks after it."""
-    stream = aiter(requests)
+async def idle_limited(messages: AsyncIterator[T], idle_seconds: float, what: str) -> AsyncIterator[T]:
+    """`messages`, ended with DeadlineExceeded when the next one takes longer than `idle_seconds`."""
+    stream = aiter(messages)
+    while True:
+        try:
+            message = await asyncio.wait_for(anext(stream), idle_seconds)
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(f"the {what} stream sent nothing for {idle_seconds:g} s ({IDLE_KNOB}); the "
+                                   "upload was stopped and its partial content removed") from None
+        yield message
+
+
+async def split_upload(requests: AsyncIterator[Any], what: str,
+                       idle_seconds: float = DEFAULT_UPLOAD_IDLE_SECONDS) -> tuple[Any, AsyncIterator[bytes]]:
+    """The header of an upload stream (its first message) and an iterator over the chunks after it;
+    a stream idle for `idle_seconds` ends with DeadlineExceeded."""
+    stream = aiter(idle_limited(requests, idle_seconds, what))
     try:
         first = await anext(stream)
     except StopAsyncIteration:
@@ -44,8 +66,9 @@ async def split_upload(requests: AsyncIterator[Any], what: str) -> tuple[Any, As
 class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     """Every Registry RPC, delegated to the core."""
 
-    def __init__(self, core: Registry) -> None:
+    def __init__(self, core: Registry, upload_idle_seconds: float = DEFAULT_UPLOAD_IDLE_SECONDS) -> None:
         self.core = core
+        self.upload_idle_seconds = upload_idle_seconds
 
     async def CreateModel(self, request: pb.CreateModelRequest, context: Context) -> pb.Model:
         return await self.core.create_model(request.model)
@@ -75,7 +98,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
 
     async def UploadArtifact(self, request_iterator: AsyncIterator[pb.UploadArtifactRequest],
                              context: Context) -> pb.Artifact:
-        header, chunks = await split_upload(request_iterator, "artifact upload")
+        header, chunks = await split_upload(request_iterator, "artifact upload", self.upload_idle_seconds)
         return await self.core.upload_artifact(header, chunks)
 
     async def DownloadArtifact(self, request: pb.DownloadArtifactRequest,
@@ -106,7 +129,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
 
     async def UploadDatasetVersion(self, request_iterator: AsyncIterator[pb.UploadDatasetVersionRequest],
                                    context: Context) -> pb.DatasetVersion:
-        header, chunks = await split_upload(request_iterator, "dataset version upload")
+        header, chunks = await split_upload(request_iterator, "dataset version upload", self.upload_idle_seconds)
         return await self.core.upload_dataset_version(header, chunks)
 
     async def GetDatasetVersion(self, request: pb.GetDatasetVersionRequest, context: Context) -> pb.DatasetVersion:

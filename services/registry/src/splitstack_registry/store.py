@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from google.protobuf import message as pb_message
-from sqlalchemy import Connection, Engine, Row, delete, func, insert, select, update
+from sqlalchemy import Connection, Engine, Row, delete, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from splitstack.chassis.db import READ_ONLY_OPTION
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 WRITE_ATTEMPTS = 3
+BLOB_LOCK_SPACE = 0x5EB10B      # first key of the registry's blob advisory locks (PostgreSQL)
 
 
 def open_engine(url: str) -> Engine:
@@ -274,6 +275,23 @@ class Tx:
         if alias:
             query = query.where(m.c.alias == alias)
         return self._all(query.order_by(m.c.id))
+
+    # ---- blobs --------------------------------------------------------------------------------
+
+    def lock_blob(self, sha256: str) -> None:
+        """Hold blob `sha256` for this transaction: a row that starts referencing it and the orphan sweeper
+        deciding to delete it never interleave. PostgreSQL: a transaction-scoped advisory lock; SQLite:
+        every write transaction already holds the one write lock."""
+        if self.conn.dialect.name == "postgresql":
+            self.conn.execute(text("SELECT pg_advisory_xact_lock(:space, :key)"),
+                              {"space": BLOB_LOCK_SPACE, "key": int(sha256[:7], 16)})
+
+    def referenced_blobs(self, digests: Sequence[str]) -> set[str]:
+        """Those of `digests` that an artifact or a dataset version references."""
+        a, dv = t.artifacts, t.dataset_versions
+        found = set(self.conn.execute(select(a.c.sha256).where(a.c.sha256.in_(digests))).scalars())
+        found.update(self.conn.execute(select(dv.c.sha256).where(dv.c.sha256.in_(digests))).scalars())
+        return found
 
     def count(self, table: Any) -> int:
         """Rows in `table` (tests and health)."""
