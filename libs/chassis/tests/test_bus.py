@@ -185,9 +185,10 @@ async def test_work_consumer_shared_by_replicas_handles_each_message_once(new_bu
     for i, bus in enumerate(replicas):
         await bus.work_consumer(pool, handler_of(i), concurrency=2)
     for i in range(30):
-        await publisher.publish(subject("model_registered", model=f"m{i}"), data_updated(i))
-        await publisher.publish(subject("conversion_requested", model=f"m{i}", target="cpu"), data_updated(i))
-        await publisher.publish(subject("conversion_requested", model=f"m{i}", target="t4"), data_updated(i))
+        await publisher.publish(subject("model_registered", model=f"m{i}"), events_pb2.ModelRegistered())
+        for target in ("cpu", "t4"):
+            await publisher.publish(subject("conversion_requested", model=f"m{i}", target=target),
+                                    events_pb2.ConversionRequested())
     await wait_until(lambda: len(handled) >= 60)
     await wait_until(lambda: settled(publisher, "SPLITSTACK_MODELS", pool.durable))
     assert len(handled) == 60
@@ -195,6 +196,25 @@ async def test_work_consumer_shared_by_replicas_handles_each_message_once(new_bu
     assert not any(s.endswith(".t4") for _, _, s in handled)
     per_replica = Counter(replica for replica, _, _ in handled)
     assert per_replica[0] > 0 and per_replica[1] > 0, per_replica
+
+
+async def test_a_payload_of_another_contract_message_is_dead_lettered_at_once(new_bus):
+    """A poison event (the subject's contract says ModelRegistered; it carries DataUpdated) is
+    terminated on its first delivery, and the next good event is handled."""
+    bus = await new_bus("converter")
+    pool = CONSUMERS["converter"].for_target("cpu")
+    handled: list[str] = []
+    letters: list[events_pb2.DeadLetter] = []
+
+    async def handle(delivery: Delivery) -> None:
+        handled.append(delivery.event.event_id)
+
+    await bus.work_consumer(pool, handle, max_deliver=5, on_dead_letter=letters.append)
+    await bus.publish(subject("model_registered", model="m"), data_updated(1), event_id="poison-type")
+    await bus.publish(subject("model_registered", model="m"), events_pb2.ModelRegistered(), event_id="good")
+    await wait_until(lambda: handled == ["good"] and len(letters) == 1)
+    assert (letters[0].event_id, letters[0].deliveries) == ("poison-type", 1)
+    assert "not its contract's splitstack.events.v1.ModelRegistered" in letters[0].error
 
 
 async def test_fanout_delivers_every_message_to_every_replica(new_bus):

@@ -26,7 +26,7 @@ from splitstack_registry.migrations import alembic_config, current_revision, hea
 from splitstack_registry.store import open_engine
 
 EXPECTED_TABLES = {"models", "versions", "artifacts", "serving_choices", "datasets", "dataset_versions",
-                   "aliases", "alias_moves", "outbox", "alembic_version"}
+                   "aliases", "alias_moves", "outbox", "outbox_parked", "alembic_version"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -25,7 +25,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from prometheus_client import Counter
 
 from splitstack.contracts.envelope import MSG_ID_HEADER, Event, unwrap
-from splitstack.contracts.events import subject
+from splitstack.contracts.events import definition_for, subject
 from splitstack.events.v1 import events_pb2
 
 if TYPE_CHECKING:
@@ -242,6 +242,7 @@ class ConsumerLoop:
         meta = msg.metadata
         try:
             event = unwrap(msg.data)
+            _check_contract_message(msg.subject, event)
         except ValueError as exc:
             FAILED.labels(self._rules.consumer).inc()
             await self._dead_letter(msg, (msg.headers or {}).get(MSG_ID_HEADER, ""), str(exc))
@@ -325,6 +326,16 @@ class ConsumerLoop:
         if self._ephemeral:
             await _quietly(asyncio.wait_for(self._bus.js.delete_consumer(self._stream, self.name), 1.0),
                            f"delete of consumer {self.name}")
+
+
+def _check_contract_message(subject_text: str, event: Event) -> None:
+    """ValueError when a contract subject carries another message than its contract's (poison)."""
+    try:
+        expected = definition_for(subject_text).message
+    except KeyError:
+        return  # not a contract subject (tests, ad-hoc streams): the handler decides
+    if event.type_name != expected:
+        raise ValueError(f"{subject_text[:120]!r} carries {event.type_name}, not its contract's {expected}")
 
 
 async def _call(callback: Callable, *args: object) -> None:

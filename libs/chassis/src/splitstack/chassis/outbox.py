@@ -20,6 +20,16 @@ must not be stalled by a slow or unreachable NATS. Should two relays read the sa
 both publish it with the same Nats-Msg-Id, the server keeps one copy and reports the other as a
 duplicate, and both marks set the same column.
 
+A row NATS refuses for a reason a retry cannot fix (a subject it rejects, a payload past its
+max size, bytes that are not an envelope of the subject's contract message) is a poison row: after
+`max_attempts` refusals it is moved to the `<outbox>_parked` table (the dead-letter table), counted,
+announced on `deadletter.outbox-<producer>`, and the rows after it publish in order. Transient
+failures (NATS down or restarting, a timeout, no JetStream answer) never park a row: the relay
+backs off and retries, so nothing is lost while NATS is away. `Outbox.add` refuses such rows in
+the first place (subject tokens, contract message, encoded size), so a client request that would
+make one fails with INVALID_ARGUMENT and stores nothing; parking is the guard for rows written
+before a rule existed or by a bug.
+
 The database work is synchronous SQLAlchemy, run in `asyncio.to_thread`; one connection per
 batch is used from those threads one call at a time.
 """
@@ -29,25 +39,32 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import nats.errors
+import nats.js.errors
 from google.protobuf import message as pb_message
 from prometheus_client import Counter, Gauge
 from sqlalchemy import (
     BigInteger, Column, Connection, DateTime, Engine, Index, Integer, LargeBinary, MetaData, String,
-    Table, Text, func, insert, select, update,
+    Table, Text, delete, func, insert, select, update,
 )
 from sqlalchemy.orm import Session
 
 from splitstack.chassis.faults import crash_point
-from splitstack.contracts.envelope import wrap
-from splitstack.contracts.events import definition_for, stream_for
+from splitstack.contracts.envelope import unwrap, wrap
+from splitstack.contracts.events import definition_for, stream_for, subject
+from splitstack.contracts.limits import OutOfBounds, check_event_size
+from splitstack.events.v1 import events_pb2
 
 log = logging.getLogger(__name__)
 
 LAST_ERROR_MAX_CHARS = 2000
+DEFAULT_MAX_ATTEMPTS = 3          # refusals of a poison row before it is parked
+SUBJECT_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,128}")   # a concrete token: no space, dot or wildcard
 
 PUBLISHED = Counter("splitstack_outbox_published",
                     "Outbox events published to JetStream (duplicates included)", ["outbox"])
@@ -57,6 +74,8 @@ DUPLICATES = Counter("splitstack_outbox_duplicates",
 PUBLISH_FAILURES = Counter("splitstack_outbox_publish_failures",
                            "Outbox publishes that failed; the event stays pending", ["outbox"])
 PENDING = Gauge("splitstack_outbox_pending", "Outbox events not yet published", ["outbox"])
+PARKED = Counter("splitstack_outbox_parked",
+                 "Poison outbox events moved to the dead-letter table after bounded refusals", ["outbox"])
 
 
 def _utcnow() -> dt.datetime:
@@ -78,7 +97,30 @@ def outbox_table(metadata: MetaData, name: str = "outbox") -> Table:
     )
     pending = table.c.published_at.is_(None)
     Index(f"ix_{name}_pending", table.c.id, postgresql_where=pending, sqlite_where=pending)
+    parked_table(metadata, name)
     return table
+
+
+def parked_table(metadata: MetaData, outbox_name: str = "outbox") -> Table:
+    """The dead-letter table of an outbox: poison rows, kept with why they were refused.
+
+    `outbox_table` declares it in the same metadata, so services that create their schema from
+    the metadata get it with the outbox; Alembic-managed services add it in a migration.
+    """
+    name = f"{outbox_name}_parked"
+    if name in metadata.tables:
+        return metadata.tables[name]
+    return Table(
+        name, metadata,
+        Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),  # the outbox row's id
+        Column("event_id", String(200), nullable=False, unique=True),
+        Column("subject", String(255), nullable=False),
+        Column("data", LargeBinary, nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Column("parked_at", DateTime(timezone=True), nullable=False),
+        Column("attempts", Integer, nullable=False),
+        Column("reason", Text, nullable=False),
+    )
 
 
 class Outbox:
@@ -93,14 +135,20 @@ class Outbox:
         """Add `payload` for `subject` in the open transaction of `session`; return its event id."""
         check_subject(subject, payload)
         envelope = wrap(payload, producer=self.producer, event_id=event_id)
+        data = envelope.SerializeToString()
+        check_event_size(subject, data)
         session.execute(insert(self.table).values(
-            event_id=envelope.event_id, subject=subject, data=envelope.SerializeToString(),
-            created_at=_utcnow(), attempts=0))
+            event_id=envelope.event_id, subject=subject, data=data, created_at=_utcnow(), attempts=0))
         return envelope.event_id
 
 
 def check_subject(subject: str, payload: pb_message.Message) -> None:
-    """ValueError unless `subject` is a contract subject stored in a stream and `payload` its type."""
+    """ValueError unless `subject` is a contract subject stored in a stream and `payload` its type.
+
+    Every token must be a plain token NATS accepts (no whitespace, wildcard or empty token): a
+    name with a trailing newline would otherwise match the contract's `*` and be refused by NATS.
+    """
+    check_subject_tokens(subject)
     if stream_for(subject) is None:
         raise ValueError(f"subject {subject!r} is not stored by any contract stream; the outbox "
                          "only publishes JetStream subjects defined in splitstack.contracts")
@@ -111,6 +159,20 @@ def check_subject(subject: str, payload: pb_message.Message) -> None:
     if payload.DESCRIPTOR.full_name != definition.message:
         raise ValueError(f"subject {subject!r} carries {definition.message}, "
                          f"not {payload.DESCRIPTOR.full_name}")
+
+
+def check_subject_tokens(subject: str) -> None:
+    """OutOfBounds unless every dot-separated token of `subject` is a plain NATS token."""
+    if len(subject) > 255 or not all(SUBJECT_TOKEN.fullmatch(token) for token in subject.split(".")):
+        shown = subject if len(subject) <= 80 else subject[:77] + "..."
+        raise OutOfBounds(f"subject {shown!r} is not a valid event subject: tokens of 1-128 characters "
+                          "of A-Z, a-z, 0-9, '_' or '-', separated by dots")
+
+
+def check_row(subject: str, data: bytes) -> None:
+    """ValueError unless a stored row could ever be published: valid subject, size, envelope, type."""
+    check_event_size(subject, data)
+    check_subject(subject, unwrap(data).payload)
 
 
 def pending_count(engine: Engine, table: Table) -> int:
@@ -135,22 +197,52 @@ class OutboxPublishError(RuntimeError):
         self.published = published
 
 
+PERMANENT_PUBLISH_ERRORS: tuple[type[BaseException], ...] = (
+    nats.errors.BadSubjectError, nats.errors.MaxPayloadError, ValueError, TypeError, UnicodeError)
+
+
+def is_refusal(exc: BaseException) -> bool:
+    """True when NATS refused the row itself (retrying cannot help), not when NATS was unreachable."""
+    if isinstance(exc, nats.js.errors.ServiceUnavailableError):
+        return False
+    if isinstance(exc, nats.js.errors.BadRequestError):       # JetStream 400: e.g. a message too large
+        return True
+    return isinstance(exc, PERMANENT_PUBLISH_ERRORS)
+
+
 @dataclass(frozen=True)
 class _PendingEvent:
     id: int
     event_id: str
     subject: str
     data: bytes
+    attempts: int
+    created_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    event: _PendingEvent
+    reason: str
+
+    @property
+    def attempts(self) -> int:
+        return self.event.attempts + 1
 
 
 class OutboxRelay:
     """Publishes pending outbox rows in id order; many replicas may relay one database at once."""
 
     def __init__(self, engine: Engine, table: Table, bus: Publisher, *, batch_size: int = 100,
-                 poll_interval: float = 0.5, max_backoff: float = 30.0) -> None:
-        if batch_size < 1 or poll_interval <= 0:
-            raise ValueError("batch_size must be >= 1 and poll_interval > 0")
+                 poll_interval: float = 0.5, max_backoff: float = 30.0,
+                 max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> None:
+        if batch_size < 1 or poll_interval <= 0 or max_attempts < 1:
+            raise ValueError("batch_size and max_attempts must be >= 1 and poll_interval > 0")
         self._engine, self._table, self._bus = engine, table, bus
+        self._parked = parked_table(table.metadata, table.name)
+        self._max_attempts = max_attempts
+        producer = re.sub(r"[^A-Za-z0-9_-]", "-", str(getattr(bus, "producer", "service")))[:100]
+        self._dead_letter_subject = subject("dead_letter", consumer=f"outbox-{producer}")
         self._batch_size, self._poll_interval, self._max_backoff = batch_size, poll_interval, max_backoff
         self._labels = {"outbox": table.name}
         self._holds_row_locks = engine.dialect.name == "postgresql"  # FOR UPDATE SKIP LOCKED
@@ -210,26 +302,55 @@ class OutboxRelay:
             await asyncio.wait([task], timeout=timeout)
 
     async def relay_once(self) -> int:
-        """Publish one batch of pending rows in id order and mark them; return how many."""
+        """Publish one batch of pending rows in id order and mark them; return how many.
+
+        A row NATS refuses ends the batch (later rows never overtake it) until it has been refused
+        `max_attempts` times; then it is parked and the batch goes on past it.
+        """
         conn = await asyncio.to_thread(self._engine.connect)
         try:
             batch = await asyncio.to_thread(self._claim, conn)
             published: list[int] = []
+            parked: list[_Refusal] = []
             failure: tuple[_PendingEvent, BaseException] | None = None
+            refused: _Refusal | None = None
             for event in batch:
                 try:
-                    await self._publish(event)
-                except Exception as exc:
+                    reason = await self._try_publish(event)
+                except Exception as exc:  # transient: NATS away; the row stays pending, untouched
                     failure = (event, exc)
                     break
-                crash_point("outbox.after_publish")
-                published.append(event.id)
-            await asyncio.to_thread(self._finish, conn, published, failure)
+                if reason is None:
+                    crash_point("outbox.after_publish")
+                    published.append(event.id)
+                    continue
+                refusal = _Refusal(event, reason)
+                if refusal.attempts < self._max_attempts:
+                    refused = refusal
+                    break
+                parked.append(refusal)
+            await asyncio.to_thread(self._finish, conn, published, parked, failure, refused)
         finally:
             await asyncio.to_thread(conn.close)
+        for refusal in parked:
+            await self._announce_parked(refusal)
         if failure is not None:
             raise OutboxPublishError(failure[0].event_id, failure[0].subject, len(published), failure[1])
         return len(published)
+
+    async def _try_publish(self, event: _PendingEvent) -> str | None:
+        """Publish `event`; None when stored, else why NATS (or the contract) refuses it for good."""
+        try:
+            check_row(event.subject, event.data)
+        except ValueError as exc:
+            return f"refused before publishing: {exc}"
+        try:
+            await self._publish(event)
+        except Exception as exc:
+            if is_refusal(exc):
+                return f"refused by NATS: {exc!r}"
+            raise
+        return None
 
     async def _publish(self, event: _PendingEvent) -> None:
         try:
@@ -247,27 +368,63 @@ class OutboxRelay:
         t = self._table
         conn.begin()
         rows = conn.execute(
-            select(t.c.id, t.c.event_id, t.c.subject, t.c.data)
+            select(t.c.id, t.c.event_id, t.c.subject, t.c.data, t.c.attempts, t.c.created_at)
             .where(t.c.published_at.is_(None)).order_by(t.c.id).limit(self._batch_size)
             .with_for_update(skip_locked=True)).all()
         if not self._holds_row_locks:
             conn.commit()  # no row locks to keep: never hold a database lock across the publishes
-        return [_PendingEvent(r.id, r.event_id, r.subject, bytes(r.data)) for r in rows]
+        return [_PendingEvent(r.id, r.event_id, r.subject, bytes(r.data), r.attempts or 0, r.created_at)
+                for r in rows]
 
-    def _finish(self, conn: Connection, published: list[int],
-                failure: tuple[_PendingEvent, BaseException] | None) -> None:
-        """Mark the published rows, record a failure on the row that failed, commit, update the gauge."""
+    def _finish(self, conn: Connection, published: list[int], parked: list[_Refusal],
+                failure: tuple[_PendingEvent, BaseException] | None, refused: _Refusal | None) -> None:
+        """Mark published rows, park poison rows, count a refusal or failure, commit, update the gauge."""
         t = self._table
         if published:
             conn.execute(update(t).where(t.c.id.in_(published)).values(published_at=_utcnow()))
+        for refusal in parked:
+            self._park(conn, refusal)
+        if refused is not None:
+            self._record_attempt(conn, refused.event, refused.reason)
         if failure is not None:
-            event, exc = failure
-            conn.execute(update(t).where(t.c.id == event.id).values(
-                attempts=t.c.attempts + 1, last_error=repr(exc)[:LAST_ERROR_MAX_CHARS]))
+            self._record_attempt(conn, failure[0], repr(failure[1]))
         conn.commit()
         pending = conn.execute(select(func.count()).where(t.c.published_at.is_(None))).scalar_one()
         conn.rollback()
         PENDING.labels(**self._labels).set(pending)
+
+    def _record_attempt(self, conn: Connection, event: _PendingEvent, error: str) -> None:
+        t = self._table
+        conn.execute(update(t).where(t.c.id == event.id).values(
+            attempts=t.c.attempts + 1, last_error=error[:LAST_ERROR_MAX_CHARS]))
+
+    def _park(self, conn: Connection, refusal: _Refusal) -> None:
+        """Move a poison row to the dead-letter table (same transaction: it is in exactly one)."""
+        event = refusal.event
+        conn.execute(insert(self._parked).values(
+            id=event.id, event_id=event.event_id, subject=event.subject[:255], data=event.data,
+            created_at=event.created_at or _utcnow(), parked_at=_utcnow(), attempts=refusal.attempts,
+            reason=refusal.reason[:LAST_ERROR_MAX_CHARS]))
+        conn.execute(delete(self._table).where(self._table.c.id == event.id))
+        PARKED.labels(**self._labels).inc()
+        log.error("outbox %s: parked event %s (%r) after %d refusals: %s", self._table.name, event.event_id,
+                  event.subject[:120], refusal.attempts, refusal.reason)
+
+    async def _announce_parked(self, refusal: _Refusal) -> None:
+        """Best effort: a DeadLetter event on deadletter.outbox-<producer> (the table keeps the row)."""
+        event = refusal.event
+        letter = events_pb2.DeadLetter(
+            consumer=self._dead_letter_subject.split(".", 1)[1], stream=self._table.name,
+            subject=event.subject[:255], event_id=event.event_id, stream_sequence=event.id,
+            deliveries=refusal.attempts, error=refusal.reason[:LAST_ERROR_MAX_CHARS])
+        letter.at.GetCurrentTime()
+        envelope = wrap(letter, producer=getattr(self._bus, "producer", "chassis"),
+                        event_id=f"deadletter-{self._table.name}-{event.event_id}")
+        try:
+            await self._bus.publish_raw(self._dead_letter_subject, envelope.SerializeToString(),
+                                        event_id=envelope.event_id)
+        except Exception as exc:  # noqa: BLE001  the parked row is the record; the event is a courtesy
+            log.warning("outbox %s: announcing parked event %s failed: %r", self._table.name, event.event_id, exc)
 
     async def _sleep(self, delay: float, *, wakeable: bool) -> None:
         """Wait `delay` seconds, or less when stopping (or woken, if `wakeable`)."""
@@ -288,5 +445,6 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
-__all__ = ["Outbox", "OutboxRelay", "OutboxPublishError", "check_subject", "outbox_table",
-           "pending_count", "PUBLISHED", "DUPLICATES", "PUBLISH_FAILURES", "PENDING"]
+__all__ = ["Outbox", "OutboxRelay", "OutboxPublishError", "check_row", "check_subject", "check_subject_tokens",
+           "is_refusal", "outbox_table", "parked_table", "pending_count", "PARKED", "PUBLISHED", "DUPLICATES",
+           "PUBLISH_FAILURES", "PENDING"]

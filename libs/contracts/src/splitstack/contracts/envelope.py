@@ -51,7 +51,12 @@ def unpack_any(value: any_pb2.Any) -> pb_message.Message:
     except KeyError:
         raise ValueError(f"unknown event payload type {full_name!r}") from None
     msg = cls()
-    value.Unpack(msg)
+    try:
+        unpacked = value.Unpack(msg)
+    except Exception as exc:  # protobuf raises DecodeError, a bare Exception subclass
+        raise ValueError(f"event payload is not a valid {full_name}: {exc}") from None
+    if not unpacked:
+        raise ValueError(f"event payload type {full_name!r} does not match its message")
     return msg
 
 
