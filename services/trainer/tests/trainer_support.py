@@ -61,12 +61,16 @@ def spawn(command: str, name: str, root: Path, env: Mapping[str, str],
                          ready_timeout=START_TIMEOUT_SECONDS)
 
 
-def start_registry(root: Path, nats_url: str) -> ServiceProcess:
-    """A registry on SQLite + a local artifact directory under `root`."""
+def start_registry(root: Path, nats_url: str, *, port: int = 0, crash_points: Iterable[str] = (),
+                   process_name: str = "registry") -> ServiceProcess:
+    """A registry on SQLite + a local artifact directory under `root` (on `port` when given: a restart
+    where its clients expect it)."""
     env = {"SPLITSTACK_NATS_URL": nats_url, "SPLITSTACK_REGISTRY_DATABASE_URL": f"sqlite:///{root / 'registry.db'}",
            "SPLITSTACK_REGISTRY_ARTIFACT_DIR": str(root / "artifacts"),
            "SPLITSTACK_REGISTRY_RELAY_POLL_SECONDS": "0.2", "SPLITSTACK_REGISTRY_SHUTDOWN_GRACE_SECONDS": "5"}
-    return spawn("splitstack-registry", "registry", root, env)
+    if port:
+        env["SPLITSTACK_REGISTRY_GRPC_PORT"] = str(port)
+    return spawn("splitstack-registry", process_name, root, env, crash_points)
 
 
 @dataclass
@@ -191,6 +195,18 @@ class TrainerApi:
                                          timeout=RPC_TIMEOUT_SECONDS)
         return list(reply.jobs)
 
+    async def set_policy(self, policy: pb.RetrainPolicy) -> pb.RetrainPolicy:
+        return await self.stub.SetRetrainPolicy(pb.SetRetrainPolicyRequest(policy=policy), timeout=RPC_TIMEOUT_SECONDS)
+
+    async def only_job(self, model: str, timeout: float = JOB_TIMEOUT_SECONDS) -> pb.Job:
+        """Wait for a job of `model` to exist; there must be exactly one."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not (jobs := await self.jobs(model=model)):
+            assert asyncio.get_running_loop().time() < deadline, f"no job of {model} within {timeout}s"
+            await asyncio.sleep(0.1)
+        assert len(jobs) == 1, [(j.id, j.spec.dataset_version) for j in jobs]
+        return jobs[0]
+
     async def cancel(self, job_id: str, reason: str = "test") -> pb.Job:
         return await self.stub.CancelJob(pb.CancelJobRequest(id=job_id, reason=reason), timeout=RPC_TIMEOUT_SECONDS)
 
@@ -219,6 +235,14 @@ class TrainerApi:
                 assert word.lower() in details.lower(), f"{code.name} message does not name {word!r}: {details}"
             return details
         raise AssertionError(f"expected {code.name}, but the call succeeded: {result}")
+
+
+def retrain_policy(policy_name: str, model: str, dataset: str, **fields: Any) -> pb.RetrainPolicy:
+    """An enabled policy retraining `model` (small digits-mlp, one epoch) on every version of `dataset`."""
+    template = spec(model, dataset, max_epochs=1)
+    template.ClearField("dataset")
+    values: dict[str, Any] = {"debounce_seconds": 0.0, "enabled": True, **fields}
+    return pb.RetrainPolicy(name=policy_name, model=model, dataset=dataset, template=template, **values)
 
 
 def spec(model: str, dataset: str, **fields: Any) -> pb.JobSpec:

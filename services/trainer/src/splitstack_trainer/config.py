@@ -25,6 +25,7 @@ class TrainerSettings(ChassisSettings):
     work_dir: str = "jobs"                       # local jobs: <work_dir>/jobs/<id>/, dataset cache <work_dir>/datasets/
     registry_addr: str = peer_addr("registry")   # SPLITSTACK_REGISTRY_ADDR, host:port
     registry_timeout_seconds: float = 120.0
+    peer_retry_seconds: float = 120.0            # registry outages ridden out (service and job processes)
     profiles_dir: str = ""                       # extra training profiles (*.toml) beside the shipped ones
     default_executor: str = "local"
     default_profile: str = "cpu-local"
@@ -73,6 +74,8 @@ class TrainerSettings(ChassisSettings):
         for name, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"SPLITSTACK_TRAINER_{name.upper()} must be > 0, got {value}")
+        if not 0 <= self.peer_retry_seconds < float("inf"):
+            raise ConfigError(f"SPLITSTACK_TRAINER_PEER_RETRY_SECONDS must be >= 0, got {self.peer_retry_seconds}")
         try:
             for target in self.default_required_targets:
                 check_name("default_required_targets", target)

@@ -86,10 +86,10 @@ class Trainer:
     async def get_job(self, job_id: str) -> pb.Job:
         if not job_id:
             raise InvalidArgument("id must name a job")
-        row = await self.db.read(lambda tx: tx.job(job_id))
+        row, attempts = await self.db.read(lambda tx: (tx.job(job_id), tx.attempts_of([job_id])[job_id]))
         if row is None:
             raise NotFound(f"job {job_id!r} not found")
-        return job_record(row, None if is_terminal(row.state) else self.progress.latest(job_id))
+        return job_record(row, None if is_terminal(row.state) else self.progress.latest(job_id), attempts)
 
     async def list_jobs(self, model: str, state: int, size: int, token: str) -> tuple[list[pb.Job], str]:
         if state not in pb.JobState.values():
@@ -99,7 +99,8 @@ class Trainer:
         limit = min(size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         after = _decode_token(token)
         rows = await self.db.read(lambda tx: tx.job_page(model, state, after, limit + 1))
-        jobs = [job_record(r, self.progress.latest(r.id)) for r in rows[:limit]]
+        attempts = await self.db.read(lambda tx: tx.attempts_of([r.id for r in rows[:limit]]))
+        jobs = [job_record(r, self.progress.latest(r.id), attempts[r.id]) for r in rows[:limit]]
         more = len(rows) > limit
         return jobs, _encode_token(aware(rows[limit - 1].created_at), rows[limit - 1].id) if more else ""
 

@@ -84,7 +84,8 @@ class JobFactory:
             primary_metric=message_json(plan.primary_metric),
             promotion_policy=message_json(plan.promotion_policy) if plan.promotion_policy is not None else None,
             parent_version=plan.parent_version, code_version=self._code_version, recipe=plan.recipe,
-            progress_interval_seconds=self.settings.progress_interval_seconds, hyperparameters=plan.hyperparameters)
+            progress_interval_seconds=self.settings.progress_interval_seconds, hyperparameters=plan.hyperparameters,
+            peer_retry_seconds=self.settings.peer_retry_seconds)
         return PreparedJob(job_id, plan, config)
 
     async def _check_parent(self, model: str, version: int) -> None:

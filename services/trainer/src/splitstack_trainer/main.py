@@ -4,7 +4,8 @@ executors, job runner, retraining, progress subscription, work consumer and gRPC
 Start-up: read TrainerSettings once; load the training profiles (contracts data plus
 `profiles_dir`); create the tables; open the registry channel; connect to NATS and declare the
 contract streams; start the outbox relay (training.finished); build the executors (local always,
-kubernetes when configured); start the job runner (which first recovers jobs a previous process
+kubernetes when configured); every registry call rides out a registry restart for
+`peer_retry_seconds`; start the job runner (which first recovers jobs a previous process
 left RUNNING) and the retraining ticker; subscribe to `training.progress.*`; start the durable
 work consumer `trainer` on `data.updated.>`; serve gRPC.
 Shutdown is the chassis's one path: SIGTERM -> health NOT_SERVING -> RPCs drain -> tasks
@@ -25,6 +26,7 @@ from splitstack.chassis.bus import connect_bus
 from splitstack.chassis.config import ConfigError
 from splitstack.chassis.db import open_engine
 from splitstack.chassis.outbox import Outbox, OutboxRelay
+from splitstack.chassis.retry import RetryBudget
 from splitstack.chassis.server import ServiceRuntime, run_service
 from splitstack.chassis.tls import client_channel
 from splitstack.common.v1 import common_pb2
@@ -102,7 +104,8 @@ async def _assemble(runtime: ServiceRuntime, settings: TrainerSettings) -> None:
     runtime.start_task(relay.run_until_cancelled(RELAY_STOP_SECONDS), name="outbox-relay")
     db = tables.Database(store, relay.wake)
     runtime.exit_stack.callback(db.close)
-    trainer = _core(settings, profiles, executors, db, RegistryClient(channel, settings.registry_timeout_seconds))
+    registry = RegistryClient(channel, settings.registry_timeout_seconds, RetryBudget(settings.peer_retry_seconds))
+    trainer = _core(settings, profiles, executors, db, registry)
     runtime.on_shutdown(trainer.runner.close)
     await bus.subscribe_core(SUBJECTS["training_progress"].wildcard(), ProgressHandler(trainer))
     runtime.start_task(trainer.runner.run(), name="job-runner")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -26,8 +27,9 @@ def timestamp(value: dt.datetime | None) -> Timestamp | None:
     return stamp
 
 
-def job_record(row: Any, progress: pb.Progress | None = None) -> pb.Job:
-    """The Job of a `jobs` row; `progress` (newer, held in memory) replaces the stored one."""
+def job_record(row: Any, progress: pb.Progress | None = None, attempts: Sequence[Any] = ()) -> pb.Job:
+    """The Job of a `jobs` row with its `job_attempts` rows; `progress` (newer, held in memory)
+    replaces the stored one."""
     spec = pb.JobSpec()
     spec.ParseFromString(row.spec)
     job = pb.Job(id=row.id, spec=spec, state=row.state, model_version=row.model_version, error=row.error,
@@ -41,7 +43,18 @@ def job_record(row: Any, progress: pb.Progress | None = None) -> pb.Job:
         stamp = timestamp(getattr(row, field))
         if stamp is not None:
             getattr(job, field).CopyFrom(stamp)
+    job.attempt_history.extend(attempt_record(a) for a in attempts)
     return job
+
+
+def attempt_record(row: Any) -> pb.JobAttempt:
+    attempt = pb.JobAttempt(number=row.number, error=row.error, transient=bool(row.transient),
+                            retried=bool(row.retried))
+    for field in ("started_at", "ended_at"):
+        stamp = timestamp(getattr(row, field))
+        if stamp is not None:
+            getattr(attempt, field).CopyFrom(stamp)
+    return attempt
 
 
 def policy_record(row: Any) -> pb.RetrainPolicy:

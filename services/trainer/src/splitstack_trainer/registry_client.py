@@ -5,23 +5,34 @@ finished job registered) and by the job process (download the dataset, register 
 Downloads are streamed to a scratch file while hashed and moved into place only when digest and
 size match the record. Errors that a retry cannot fix (NOT_FOUND, INVALID_ARGUMENT,
 FAILED_PRECONDITION, ALREADY_EXISTS) become `RegistryRejected`; others propagate unchanged.
+
+Transient failures (UNAVAILABLE, DEADLINE_EXCEEDED: the registry restarting) are retried with
+back-off for the client's `RetryBudget` (the chassis's `retry_transient`), then propagate. Every
+call is safe to repeat: reads, and writes that are idempotent in the registry — CreateModel (the
+same model again returns it), CreateVersion (its idempotency key returns the version it made),
+UploadArtifact (the same digest under the same key returns the artifact) and FinalizeVersion (a
+READY version stays as it is).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 
+from splitstack.chassis.retry import RetryBudget, retry_transient
 from splitstack.registry.v1 import registry_pb2 as pb
 from splitstack.registry.v1 import registry_pb2_grpc
 
+T = TypeVar("T")
 CHUNK_BYTES = 1024 * 1024
 PERMANENT = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
              grpc.StatusCode.ALREADY_EXISTS)
+NO_RETRY = RetryBudget(total_seconds=0.0)
 
 
 class RegistryRejected(Exception):
@@ -52,17 +63,29 @@ def sha256_of(path: Path) -> str:
 
 
 class RegistryClient:
-    """Calls to the registry with a per-call deadline."""
+    """Calls to the registry with a per-call deadline, retried while the registry is unreachable."""
 
-    def __init__(self, channel: grpc.aio.Channel, timeout: float) -> None:
+    def __init__(self, channel: grpc.aio.Channel, timeout: float, retry: RetryBudget = NO_RETRY) -> None:
+        self._channel = channel
         self._stub = registry_pb2_grpc.RegistryStub(channel)
         self._timeout = timeout
+        self._retry = retry
+
+    def retrying(self, budget: RetryBudget) -> RegistryClient:
+        """This client on the same channel, riding out transient failures for `budget`."""
+        return RegistryClient(self._channel, self._timeout, budget)
+
+    async def _retried(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        return await retry_transient(call, what=f"registry {what}", budget=self._retry)
 
     async def _call(self, method: str, request: object) -> object:
-        try:
-            return await getattr(self._stub, method)(request, timeout=self._timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise _rejected(exc) from None
+        async def once() -> object:
+            try:
+                return await getattr(self._stub, method)(request, timeout=self._timeout)
+            except grpc.aio.AioRpcError as exc:
+                raise _rejected(exc) from None
+
+        return await self._retried(method, once)
 
     # ---- datasets ------------------------------------------------------------------------------
 
@@ -72,6 +95,9 @@ class RegistryClient:
 
     async def download_dataset(self, record: pb.DatasetVersion, dest: Path) -> None:
         """Stream `record`'s blob to `dest` (atomically); DigestMismatch unless digest and size match."""
+        await self._retried("DownloadDatasetVersion", lambda: self._download_once(record, dest))
+
+    async def _download_once(self, record: pb.DatasetVersion, dest: Path) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
         scratch = dest.with_name(f".{dest.name}.{os.getpid()}.part")
         digest, size = hashlib.sha256(), 0
@@ -115,10 +141,13 @@ class RegistryClient:
 
     async def upload(self, header: pb.ArtifactHeader, path: Path) -> pb.Artifact:
         """Upload the file at `path` under `header` (a retry with the same digest returns the record)."""
-        try:
-            return await self._stub.UploadArtifact(_upload_stream(header, path), timeout=self._timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise _rejected(exc) from None
+        async def once() -> pb.Artifact:
+            try:
+                return await self._stub.UploadArtifact(_upload_stream(header, path), timeout=self._timeout)
+            except grpc.aio.AioRpcError as exc:
+                raise _rejected(exc) from None
+
+        return await self._retried("UploadArtifact", once)
 
     async def version_by_key(self, model: str, key: str) -> pb.ModelVersion | None:
         """The version of `model` created with idempotency key `key`, or None (also: no such model)."""

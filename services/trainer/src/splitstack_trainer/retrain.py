@@ -8,6 +8,13 @@ version, so a burst becomes one job on the latest version. When a trigger is due
 unless the policy started one less than `min_interval_seconds` ago or already runs
 `max_concurrent_jobs` (then the trigger waits).
 
+A trigger survives every crash until its job exists: it is deleted in the transaction that stores
+the job, so a trainer killed before that (right after `data.updated`, while the job is prepared)
+finds it again at its next start. Preparing the job needs the registry; while the registry is
+unreachable (or the database is), the trigger stays and is tried again — only a spec or data the
+checks refuse (INVALID_ARGUMENT, FAILED_PRECONDITION, ...) gives a FAILED job with the reason.
+Once stored, the job's attempts are the runner's (runner.py): transient failures start a new one.
+
 Never a second job for the same event: a job started by a policy carries the key
 sha256(model, dataset digest, config), unique in the database, and the policy remembers the newest
 dataset version it started a job for. A redelivered (or late, older) event finds one or the other
@@ -27,6 +34,7 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 
 from splitstack.chassis.errors import DomainError, InvalidArgument, NotFound
+from splitstack.chassis.retry import TRANSIENT_CODES, is_transient
 from splitstack.contracts.names import InvalidName, check_name
 from splitstack.registry.v1 import registry_pb2 as rpb
 from splitstack.trainer.v1 import trainer_pb2 as pb
@@ -162,8 +170,12 @@ class Retraining:
         for trigger in await self.db.read(lambda tx: tx.due_triggers(utcnow())):
             try:
                 await self._fire(trigger)
-            except Exception:  # noqa: BLE001 - one policy's trouble must not stop the others
-                log.exception("retraining policy %s: starting its job failed; retrying", trigger.policy)
+            except Exception as exc:  # noqa: BLE001 - one policy's trouble must not stop the others
+                if _transient(exc):
+                    log.warning("retraining policy %s: its job cannot be prepared yet (%s); retrying",
+                                trigger.policy, exc)
+                else:
+                    log.exception("retraining policy %s: starting its job failed; retrying", trigger.policy)
                 await self.db.write(lambda tx, t=trigger: tx.update_trigger(
                     t.policy, due_at=utcnow() + dt.timedelta(seconds=BUSY_RETRY_SECONDS)))
         return await self.db.read(lambda tx: tx.next_due())
@@ -185,12 +197,19 @@ class Retraining:
             prepared: PreparedJob | None = await self.factory.prepare(spec)
             failure = ""
         except DomainError as exc:
+            if _transient(exc):
+                raise   # the trigger stays; tried again
             prepared, failure = None, str(exc)
         job_id = await self.db.write(lambda tx: _start(tx, policy, trigger, spec, prepared, failure))
         if job_id:
             log.info("retraining policy %s: job %s on %s version %d", policy.name, job_id, policy.dataset,
                      trigger.dataset_version)
             self._on_job(job_id)
+
+
+def _transient(exc: BaseException) -> bool:
+    """A peer or the database unreachable: the trigger is tried again, no job is failed for it."""
+    return is_transient(exc) or (isinstance(exc, DomainError) and exc.code in TRANSIENT_CODES)
 
 
 def _note(tx: Tx, row: Any, version: rpb.DatasetVersion, event_id: str) -> int:

@@ -8,9 +8,17 @@
   number and lineage metrics become the job's); anything else is FAILED with the reason. A job
   with a cancel request ends CANCELLED. The terminal state and `training.finished` commit
   together (jobs.finish_job).
+- **Attempts:** every start is an attempt (`job_attempts`: start, end, reason, transient,
+  retried). A retraining job (started by a policy: nobody is there to submit it again) whose
+  attempt failed for a transient reason — a rank killed, a peer unreachable past the job's retry
+  budget, the registry not answering whether it registered, its ranks gone with the trainer — is
+  requeued for a new attempt while fewer than `max_attempts` ran; the job id, and so the
+  registry's idempotency key, stays the same, so an attempt after one that did register finds
+  that version instead of making a second. Permanent failures (bad data, bad spec: exit 1) end it.
 - **Recover (at start):** every RUNNING job is either followed again (a Kubernetes Job still
-  there) or, its processes gone, requeued to resume from its last checkpoint — or FAILED with the
-  reason when it has no checkpoint yet or used up its attempts. Never RUNNING forever.
+  there) or, its processes gone, requeued to resume from its last checkpoint (a retraining job
+  also without one: it starts again) — or FAILED with the reason when it has no checkpoint yet or
+  used up its attempts. Never RUNNING forever.
 - **Stop:** following tasks are cancelled without ending their jobs; the local executor stops its
   ranks; the next start recovers them as above.
 """
@@ -20,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import grpc
 
@@ -30,14 +39,14 @@ from splitstack_trainer.executors import Executor, Outcome
 from splitstack_trainer.feed import ProgressBook
 from splitstack_trainer.jobconfig import JobConfig
 from splitstack_trainer.jobs import finish_job
-from splitstack_trainer.registry_client import RegistryClient
+from splitstack_trainer.registry_client import RegistryClient, RegistryRejected
 from splitstack_trainer.store import Database, Tx, utcnow
 
 log = logging.getLogger(__name__)
 
 JOB_STARTED = "trainer.job_started"
 IDLE_SECONDS = 1.0
-REGISTRY_RETRY_SECONDS = (1.0, 2.0, 4.0, 8.0, 16.0)
+DATABASE_RETRY_SECONDS = (1.0, 2.0, 4.0, 8.0, 16.0)
 
 
 class JobRunner:
@@ -98,6 +107,7 @@ class JobRunner:
             if row is None or row.state != pb.QUEUED:
                 return False
             tx.update_job(job_id, state=pb.RUNNING, attempts=row.attempts + 1, started_at=row.started_at or utcnow())
+            tx.begin_attempt(job_id, row.attempts + 1)
             return True
 
         if not await self.db.write(claim):
@@ -107,7 +117,8 @@ class JobRunner:
             handle = await executor.start(config)
         except Exception as exc:  # noqa: BLE001 - any failure to start is the job's failure
             log.exception("job %s: could not start on %s", job_id, executor.name)
-            await self._finish(job_id, config, Outcome(False, f"could not start on {executor.name}: {exc}"))
+            await self._finish(job_id, config, Outcome(False, f"could not start on {executor.name}: {exc}",
+                                                       transient=True))
             return
         cancelled = await self.db.write(lambda tx: _store_handle(tx, job_id, handle))
         crash_point(JOB_STARTED)
@@ -128,17 +139,18 @@ class JobRunner:
                 raise
             except Exception as exc:  # noqa: BLE001 - the job must not stay RUNNING because following it broke
                 log.exception("job %s: following it failed", job_id)
-                outcome = Outcome(False, f"the trainer lost track of the job: {exc}")
+                outcome = Outcome(False, f"the trainer lost track of the job: {exc}", transient=True)
             await self._finish_with_retries(job_id, config, outcome)
         finally:
-            self._following.pop(job_id, None)
-            self._handles.pop(job_id, None)
+            if self._following.get(job_id, ("", None))[1] is asyncio.current_task():
+                del self._following[job_id]   # (a retry's new attempt may already follow the job)
+                self._handles.pop(job_id, None)
             self.wake()
 
     async def _finish_with_retries(self, job_id: str, config: JobConfig, outcome: Outcome) -> None:
-        """Record the outcome; while the database or registry fails, try again (then recovery at the
-        next start decides)."""
-        for pause in REGISTRY_RETRY_SECONDS:
+        """Record the outcome; while the database fails, try again (then recovery at the next start
+        decides)."""
+        for pause in DATABASE_RETRY_SECONDS:
             try:
                 await self._finish(job_id, config, outcome)
                 return
@@ -150,31 +162,40 @@ class JobRunner:
         log.error("job %s: its end could not be recorded; the next start recovers it", job_id)
 
     async def _finish(self, job_id: str, config: JobConfig, outcome: Outcome) -> None:
+        """End the running attempt with `outcome`: the job's terminal state, or a new attempt."""
         row = await self.db.read(lambda tx: tx.job(job_id))
-        state, error, version, metrics = pb.FAILED, outcome.reason, 0, {}
-        if row is not None and row.cancel_reason is not None:
+        if row is None:
+            return
+        state, error, transient, version, metrics = pb.FAILED, outcome.reason, outcome.transient, 0, {}
+        if row.cancel_reason is not None:
             state, error = pb.CANCELLED, f"cancelled: {row.cancel_reason}" if row.cancel_reason else "cancelled"
+            transient = False
         elif outcome.succeeded:
-            found = await self._registered_version(config.model, job_id)
+            found, error = await self._registered_version(config.model, job_id)
             if found is not None and found.state == rpb.READY:
                 state, error, version, metrics = pb.SUCCEEDED, "", found.version, dict(found.lineage.metrics)
             else:
-                error = f"the job's ranks succeeded but no READY version of {config.model!r} carries its id"
+                transient = True   # not READY (yet): the next attempt registers the complete outputs again
+        ending = AttemptEnd(row.attempts, state, error, transient, self._retries(row, state, transient))
         last = self.progress.forget(job_id)
-        await self.db.write(lambda tx: finish_job(tx, job_id, state, error=error, version=version, metrics=metrics,
-                                                  progress=last))
+        await self.db.write(lambda tx: _end_attempt(tx, job_id, ending, version=version, metrics=metrics,
+                                                    progress=last, max_attempts=self.max_attempts))
         self._on_change(job_id)
 
-    async def _registered_version(self, model: str, job_id: str) -> rpb.ModelVersion | None:
-        """The version the job registered, asking again while the registry is unreachable."""
-        for pause in REGISTRY_RETRY_SECONDS:
-            try:
-                return await self.registry.version_by_key(model, job_id)
-            except grpc.aio.AioRpcError as exc:
-                log.warning("job %s: cannot ask the registry for its version (%s); again in %.0fs",
-                            job_id, exc.code().name, pause)
-                await asyncio.sleep(pause)
-        return await self.registry.version_by_key(model, job_id)
+    def _retries(self, row: object, state: int, transient: bool) -> bool:
+        """Whether a failed attempt of this job gets another: transient, a retraining job, attempts left."""
+        return state == pb.FAILED and transient and bool(row.retrain_policy) and row.attempts < self.max_attempts
+
+    async def _registered_version(self, model: str, job_id: str) -> tuple[rpb.ModelVersion | None, str]:
+        """(the version the job registered, "") or (None, why not); the client rides out registry restarts."""
+        try:
+            found = await self.registry.version_by_key(model, job_id)
+        except (grpc.aio.AioRpcError, RegistryRejected) as exc:
+            log.warning("job %s: cannot ask the registry for its version: %s", job_id, exc)
+            return None, f"the job's ranks succeeded but the registry could not say whether it registered: {exc}"
+        if found is None or found.state != rpb.READY:
+            return found, f"the job's ranks succeeded but no READY version of {model!r} carries its id"
+        return found, ""
 
     async def cancel(self, job_id: str, reason: str) -> bool:
         """Ask a RUNNING job to stop; False when it is not running (any more)."""
@@ -200,29 +221,42 @@ class JobRunner:
         executor is no longer configured (they could never start)."""
         for row in await self.db.read(lambda tx: tx.jobs_in([pb.QUEUED])):
             if row.executor not in self.executors:
-                await self._end(row.id, pb.FAILED, f"the {row.executor} executor is not configured on this trainer")
+                await self._end(row, AttemptEnd(row.attempts, pb.FAILED,
+                                                f"the {row.executor} executor is not configured on this trainer"))
         for row in await self.db.read(lambda tx: tx.jobs_in([pb.RUNNING])):
             config = JobConfig.from_json(row.config)
             executor = self.executors.get(row.executor)
             if executor is None:
-                await self._end(row.id, pb.FAILED, f"the {row.executor} executor is not configured on this trainer")
+                await self._end(row, AttemptEnd(row.attempts, pb.FAILED,
+                                                f"the {row.executor} executor is not configured on this trainer"))
             elif await executor.recover(config, row.handle):
                 log.info("job %s: following it again on %s", row.id, executor.name)
                 self._follow(row.id, config, executor, row.handle)
             elif row.cancel_reason is not None:
-                await self._end(row.id, pb.CANCELLED, f"cancelled: {row.cancel_reason}")
-            elif row.attempts >= self.max_attempts:
-                await self._end(row.id, pb.FAILED, f"interrupted by trainer restarts in all {row.attempts} attempts")
-            elif executor.resumable(config):
-                await self.db.write(lambda tx, r=row: _requeue(tx, r.id, r.attempts))
-                log.info("job %s: requeued to resume from its checkpoint", row.id)
+                await self._end(row, AttemptEnd(row.attempts, pb.CANCELLED, f"cancelled: {row.cancel_reason}"))
             else:
-                await self._end(row.id, pb.FAILED, "the trainer stopped while the job ran, before its first "
-                                                   "checkpoint; nothing to resume from (submit it again)")
+                await self._interrupted(row, executor.resumable(config))
 
-    async def _end(self, job_id: str, state: int, error: str) -> None:
-        await self.db.write(lambda tx: finish_job(tx, job_id, state, error=error))
-        self._on_change(job_id)
+    async def _interrupted(self, row: object, resumable: bool) -> None:
+        """A RUNNING job whose ranks are gone with the previous trainer: requeue it, or fail it."""
+        stopped = "the trainer stopped while the job ran"
+        if row.attempts >= self.max_attempts:
+            await self._end(row, AttemptEnd(row.attempts, pb.FAILED, f"interrupted by trainer restarts in all "
+                                                                     f"{row.attempts} attempts", transient=True))
+        elif resumable or row.retrain_policy:
+            ending = AttemptEnd(row.attempts, pb.FAILED, stopped, transient=True, retried=True)
+            how = "resuming from the last checkpoint" if resumable else "starting again"
+            await self.db.write(lambda tx: _end_attempt(tx, row.id, ending, how=how, max_attempts=self.max_attempts))
+            self._on_change(row.id)
+            log.info("job %s: requeued to %s", row.id, "resume from its checkpoint" if resumable else "start again")
+        else:
+            await self._end(row, AttemptEnd(row.attempts, pb.FAILED, f"{stopped}, before its first checkpoint; "
+                                                                     "nothing to resume from (submit it again)",
+                                            transient=True))
+
+    async def _end(self, row: object, ending: AttemptEnd) -> None:
+        await self.db.write(lambda tx: _end_attempt(tx, row.id, ending, max_attempts=self.max_attempts))
+        self._on_change(row.id)
 
     async def close(self) -> None:
         """Stop following (jobs stay RUNNING for the next start to recover) and close the executors."""
@@ -235,6 +269,34 @@ class JobRunner:
             await executor.close()
 
 
+@dataclass(frozen=True)
+class AttemptEnd:
+    """How attempt `number` of a job ended, and whether another one follows."""
+
+    number: int
+    state: int                       # the job's state if no attempt follows
+    error: str = ""
+    transient: bool = False
+    retried: bool = False
+
+
+def _end_attempt(tx: Tx, job_id: str, ending: AttemptEnd, *, version: int = 0,
+                 metrics: dict[str, float] | None = None, progress: pb.Progress | None = None,
+                 how: str = "trying again", max_attempts: int = 0) -> None:
+    """Close the attempt's record; requeue the job for the next attempt, or write its terminal state."""
+    succeeded = ending.state == pb.SUCCEEDED
+    tx.end_attempt(job_id, ending.number, error="" if succeeded else ending.error,
+                   transient=ending.transient and not succeeded, retried=ending.retried)
+    if ending.retried:
+        _requeue(tx, job_id, f"attempt {ending.number} failed ({ending.error}); {how} "
+                             f"(attempt {ending.number + 1} of at most {max_attempts})")
+        return
+    error = ending.error
+    if error and ending.number > 1:
+        error = f"{error} (attempt {ending.number})"
+    finish_job(tx, job_id, ending.state, error=error, version=version, metrics=metrics, progress=progress)
+
+
 def _store_handle(tx: Tx, job_id: str, handle: str) -> bool:
     """Store the executor's handle; True when a cancel arrived meanwhile."""
     tx.update_job(job_id, handle=handle)
@@ -242,8 +304,8 @@ def _store_handle(tx: Tx, job_id: str, handle: str) -> bool:
     return row is not None and row.cancel_reason is not None
 
 
-def _requeue(tx: Tx, job_id: str, attempts: int) -> None:
-    progress = pb.Progress(job_id=job_id, stage="fit",
-                           message=f"the trainer restarted; resuming from the last checkpoint (attempt {attempts + 1})")
+def _requeue(tx: Tx, job_id: str, message: str) -> None:
+    progress = pb.Progress(job_id=job_id, stage="fit", message=message)
     progress.at.GetCurrentTime()
     tx.update_job(job_id, state=pb.QUEUED, handle="", progress=progress.SerializeToString())
+    log.info("job %s: %s", job_id, message)

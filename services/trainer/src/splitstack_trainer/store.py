@@ -6,7 +6,8 @@ registered version, metrics and error; `revision` grows with every change (Watch
 it). Unique columns back the idempotency rules: `idempotency_key` (a retried submit) and
 `trigger_key` (model + dataset digest + config: one retraining job per key, however often the
 event arrives). A terminal state and the `training.finished` event announcing it commit
-together through the chassis outbox.
+together through the chassis outbox. `job_attempts` keeps one row per start of a job's ranks: when
+it started and ended, why it ended, whether that was transient and whether it was retried.
 
 On SQLite every write transaction begins IMMEDIATE (one writer at a time, others wait up to the
 busy timeout). Everything here is synchronous SQLAlchemy Core; `Database` runs it in threads of its
@@ -24,8 +25,8 @@ from functools import partial
 from typing import Any, TypeVar
 
 from google.protobuf.message import Message
-from sqlalchemy import (BigInteger, Column, Connection, DateTime, Engine, Index, Integer, LargeBinary, MetaData,
-                        String, Table, Text, and_, delete, func, insert, or_, select, update)
+from sqlalchemy import (BigInteger, Boolean, Column, Connection, DateTime, Engine, Index, Integer, LargeBinary,
+                        MetaData, String, Table, Text, and_, delete, func, insert, or_, select, update)
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import OperationalError
 
@@ -83,6 +84,16 @@ triggers = Table(
     Column("event_id", String(200), nullable=False),
     Column("first_seen_at", DateTime(timezone=True), nullable=False),
     Column("due_at", DateTime(timezone=True), nullable=False, index=True),
+)
+attempts = Table(
+    "job_attempts", metadata,
+    Column("job_id", String(64), primary_key=True),
+    Column("number", Integer, primary_key=True),              # 1, 2, ... (jobs.attempts is the latest)
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("ended_at", DateTime(timezone=True), nullable=True),
+    Column("error", Text, nullable=False, default=""),
+    Column("transient", Boolean, nullable=False, default=False),
+    Column("retried", Boolean, nullable=False, default=False),
 )
 outbox = outbox_table(metadata)
 
@@ -175,6 +186,28 @@ class Tx:
         query = select(func.count()).select_from(jobs).where(jobs.c.retrain_policy == policy,
                                                              jobs.c.state.in_(ACTIVE))
         return self.conn.execute(query).scalar_one()
+
+    # ---- attempts -------------------------------------------------------------------------------
+
+    def begin_attempt(self, job_id: str, number: int) -> None:
+        self.conn.execute(insert(attempts).values(job_id=job_id, number=number, started_at=utcnow(), error="",
+                                                  transient=False, retried=False))
+
+    def end_attempt(self, job_id: str, number: int, *, error: str = "", transient: bool = False,
+                    retried: bool = False) -> None:
+        """Close attempt `number` (a no-op for one already closed, or never recorded)."""
+        self.conn.execute(update(attempts).where(attempts.c.job_id == job_id, attempts.c.number == number,
+                                                 attempts.c.ended_at.is_(None))
+                          .values(ended_at=utcnow(), error=error, transient=transient, retried=retried))
+
+    def attempts_of(self, job_ids: Sequence[str]) -> dict[str, list[Row]]:
+        """Every recorded attempt of each job, oldest first."""
+        found: dict[str, list[Row]] = {job_id: [] for job_id in job_ids}
+        if job_ids:
+            query = select(attempts).where(attempts.c.job_id.in_(list(job_ids))).order_by(attempts.c.number)
+            for row in self.conn.execute(query):
+                found[row.job_id].append(row)
+        return found
 
     # ---- retraining policies ------------------------------------------------------------------
 

@@ -14,8 +14,12 @@
    zero the outputs (outputs.py).
 6. Rank zero registers the outputs through the registry API (register.py).
 
-Exit status 0 when the rank did its part; 1 with a last stderr line `job failed: <reason>`
-otherwise (the local executor reports that line as the job's error).
+Registry calls ride out a registry restart for the JobConfig's `peer_retry_seconds` (every call
+is idempotent: CreateVersion is keyed by the job id, which every attempt of the job shares).
+
+Exit status 0 when the rank did its part; otherwise a last stderr line `job failed: <reason>`
+(the local executor reports it as the job's error) and status 75 (`TRANSIENT_EXIT_STATUS`) when
+a peer stayed unreachable — a new attempt may succeed — or 1 when retrying cannot help.
 """
 
 from __future__ import annotations
@@ -27,19 +31,22 @@ import sys
 import warnings
 from pathlib import Path
 
+import grpc
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from splitstack.chassis import logs
 from splitstack.chassis.errors import DomainError
+from splitstack.chassis.retry import RetryBudget, is_transient
 from splitstack.common.v1 import common_pb2
 from splitstack_trainer.config import load_job_environment
 from splitstack_trainer.job.bridge import PlatformBridge
 from splitstack_trainer.job.outputs import JobOutputs, example_input, write_outputs
 from splitstack_trainer.job.progress import ProgressReporter
 from splitstack_trainer.job.register import register
-from splitstack_trainer.jobconfig import CONFIG_FLAG, FAILURE_PREFIX, LAST_CHECKPOINT, JobConfig
-from splitstack_trainer.registry_client import sha256_of
+from splitstack_trainer.jobconfig import (CONFIG_FLAG, FAILURE_PREFIX, LAST_CHECKPOINT, TRANSIENT_EXIT_STATUS,
+                                          JobConfig)
+from splitstack_trainer.registry_client import RegistryClient, sha256_of
 from splitstack_trainer.specs import load_class
 
 log = logging.getLogger(__name__)
@@ -72,13 +79,18 @@ def ensure_dataset(config: JobConfig, bridge: PlatformBridge) -> Path:
     path = Path(config.dataset_path)
     if path.is_file() and sha256_of(path) == config.dataset_sha256:
         return path
-    registry = bridge.registry
+    registry = peer_registry(bridge, config)
     record = bridge.call(lambda: registry.dataset_version(config.dataset, config.dataset_version))
     if record.sha256 != config.dataset_sha256:
         raise JobFailed(f"dataset {config.dataset} version {config.dataset_version} now has sha256 {record.sha256}, "
                         f"the job was submitted for {config.dataset_sha256}")
     bridge.call(lambda: registry.download_dataset(record, path))
     return path
+
+
+def peer_registry(bridge: PlatformBridge, config: JobConfig) -> RegistryClient:
+    """The registry client of this job: transient failures retried for the job's budget."""
+    return bridge.registry.retrying(RetryBudget(total_seconds=config.peer_retry_seconds))
 
 
 def build_trainer(config: JobConfig, reporter: ProgressReporter) -> L.Trainer:
@@ -131,7 +143,8 @@ def run(config: JobConfig, bridge: PlatformBridge, reporter: ProgressReporter) -
     if not is_rank_zero():
         return
     reporter.report("register", "registering the version")
-    version = bridge.call(lambda: register(bridge.registry, config, outputs))
+    registry = peer_registry(bridge, config)
+    version = bridge.call(lambda: register(registry, config, outputs))
     reporter.report("register", f"registered {config.model} version {version.version}")
 
 
@@ -159,10 +172,19 @@ def main(argv: list[str] | None = None) -> None:
         _fail(str(exc))
     except Exception as exc:  # noqa: BLE001 - any error ends the job with its reason
         log.exception("job %s failed", config.job_id)
-        _fail(f"{type(exc).__name__}: {exc}")
+        _fail(failure_reason(exc), TRANSIENT_EXIT_STATUS if is_transient(exc) else 1)
 
 
-def _fail(reason: str) -> None:
+def failure_reason(exc: BaseException) -> str:
+    """One line naming the error (a gRPC error by its status and details, not its multi-line repr)."""
+    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
+        text = f"{exc.code().name} from a peer: {exc.details() if hasattr(exc, 'details') else ''}"
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    return " ".join(text.split())
+
+
+def _fail(reason: str, status: int = 1) -> None:
     sys.stderr.flush()
     print(f"{FAILURE_PREFIX}{reason}", file=sys.stderr, flush=True)
-    raise SystemExit(1)
+    raise SystemExit(status)

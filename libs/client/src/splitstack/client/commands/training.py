@@ -1,5 +1,9 @@
 """`train`, `jobs`, `cancel`: training jobs on the training stack.
 
+`jobs` lists jobs with how often each started; for a job that started more than once (a retraining
+job retried after a transient failure, a job resumed after a trainer restart) it then prints why
+each attempt ended.
+
 `train` builds a `JobSpec` from a JSON or TOML spec file and/or flags (flags win), submits it, and
 follows it with a live progress bar until it ends (`--detach`: print the job id and return).
 """
@@ -142,15 +146,29 @@ def _jobs(args: argparse.Namespace, out: Console) -> int:
     if args.json:
         print_json(jobs)
         return 0
-    table = Table("job", "model", "state", "version", "progress", "metrics", "policy", "created")
+    table = Table("job", "model", "state", "version", "attempts", "progress", "metrics", "policy", "created")
     for job in jobs:
         p = job.progress
         progress = f"{p.stage} epoch {p.epoch}/{p.max_epochs}" if p.max_epochs else (p.stage or "-")
         table.add_row(job.id, job.spec.model, trainer_pb2.JobState.Name(job.state),
-                      str(job.model_version or "-"), progress, metrics_text(job.metrics),
+                      str(job.model_version or "-"), str(job.attempts), progress, metrics_text(job.metrics),
                       job.retrain_policy or "-", when(job.created_at))
     out.print(table)
+    for line in (line for job in jobs for line in attempt_lines(job)):
+        plain(out, line)
     return 0
+
+
+def attempt_lines(job: trainer_pb2.Job) -> list[str]:
+    """Why each attempt of a job that started more than once ended (below the table)."""
+    if len(job.attempt_history) < 2:
+        return []
+    lines = []
+    for attempt in job.attempt_history:
+        ended = attempt.error or ("running" if not attempt.HasField("ended_at") else "succeeded")
+        notes = [word for word, flag in (("transient", attempt.transient), ("retried", attempt.retried)) if flag]
+        lines.append(f"{job.id} attempt {attempt.number}: {ended}" + (f" ({', '.join(notes)})" if notes else ""))
+    return lines
 
 
 def _cancel(args: argparse.Namespace, out: Console) -> int:
