@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -60,3 +61,68 @@ async def test_a_damaged_cached_file_is_downloaded_again(tmp_path: Path) -> None
 async def test_a_digest_that_is_not_one_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="not a SHA-256"):
         await ArtifactCache(tmp_path).obtain("../../etc/passwd", source_of(CONTENT, []))
+
+
+# ---- the size bound: least recently used first, never what is in use ---------------------------------
+
+def artifact(seed: int, size: int = 10_000) -> tuple[bytes, str]:
+    content = bytes([seed]) * size
+    return content, hashlib.sha256(content).hexdigest()
+
+
+def cached(root: Path) -> set[str]:
+    base = root / "sha256"
+    return {d.name for d in base.iterdir() if any(d.iterdir())} if base.is_dir() else set()
+
+
+async def test_the_least_recently_used_artifact_goes_first(tmp_path: Path) -> None:
+    cache = ArtifactCache(tmp_path, max_bytes=25_000)  # room for two artifacts of 10 kB
+    (a, da), (b, db), (c, dc) = artifact(1), artifact(2), artifact(3)
+    await cache.obtain(da, source_of(a, []), len(a))
+    await cache.obtain(db, source_of(b, []), len(b))
+    calls: list[int] = []
+    await cache.obtain(da, source_of(a, calls), len(a))  # a is used again: b is now the least recent
+    assert calls == []
+    await cache.obtain(dc, source_of(c, []), len(c))
+    assert cached(tmp_path) == {da, dc}
+
+
+async def test_artifacts_in_use_are_never_evicted(tmp_path: Path) -> None:
+    cache = ArtifactCache(tmp_path, max_bytes=25_000)
+    in_use: set[str] = set()
+    cache.keep_in_use(lambda: in_use)
+    (a, da), (b, db), (c, dc), (d, dd) = artifact(1), artifact(2), artifact(3), artifact(4)
+    await cache.obtain(da, source_of(a, []), len(a))
+    await cache.obtain(db, source_of(b, []), len(b))
+    in_use.update({da, db})  # both loaded: the cache goes over its bound rather than evict them
+    await cache.obtain(dc, source_of(c, []), len(c))
+    assert cached(tmp_path) == {da, db, dc}
+    in_use.discard(da)  # a was released: the next download makes room by evicting it (and c, older than d)
+    await cache.obtain(dd, source_of(d, []), len(d))
+    assert cached(tmp_path) == {db, dd}
+
+
+async def test_an_artifact_larger_than_the_cache_is_refused_before_downloading(tmp_path: Path) -> None:
+    cache, calls = ArtifactCache(tmp_path, max_bytes=1_000), []
+    with pytest.raises(ModelLoadError, match="more than the artifact cache may hold"):
+        await cache.obtain(DIGEST, source_of(CONTENT, calls), len(CONTENT))
+    assert calls == [] and files_under(tmp_path) == []
+    with pytest.raises(ModelLoadError, match="more than the artifact cache may hold"):
+        await cache.obtain(DIGEST, source_of(CONTENT, calls))  # size unknown: stopped while it grows
+    assert files_under(tmp_path) == []
+
+
+async def test_a_download_longer_than_announced_is_stopped(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="more than the 100 bytes announced"):
+        await ArtifactCache(tmp_path).obtain(DIGEST, source_of(CONTENT, []), 100)
+    assert files_under(tmp_path) == []
+
+
+async def test_partial_files_of_a_dead_process_are_removed(tmp_path: Path) -> None:
+    leftover = tmp_path / "sha256" / DIGEST / ".0123.part"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"half a model")
+    os.utime(leftover, (1_000_000, 1_000_000))  # written long before this process started
+    cache = ArtifactCache(tmp_path, max_bytes=10**9)
+    await cache.obtain(DIGEST, source_of(CONTENT, []), len(CONTENT))
+    assert files_under(tmp_path) == [f"sha256/{DIGEST}/model.onnx"]
