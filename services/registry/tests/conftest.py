@@ -556,6 +556,12 @@ class RegistryApi:
         return buffer.getvalue()
 
     @staticmethod
+    def npz_compressed(**arrays: Any) -> bytes:
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **arrays)
+        return buffer.getvalue()
+
+    @staticmethod
     def sample_npz(rows: int = 8) -> bytes:
         rng = np.random.default_rng()
         return RegistryApi.npz(inputs=rng.random((rows, 64), dtype=np.float32),
