@@ -171,6 +171,7 @@ def build_service(settings: ServingSettings) -> ServingService:
                                  limits)
     if isinstance(source, RegistryModelSource):
         source.cache.keep_in_use(repository.digests_in_use)
+        repository.on_release(source.cache.evict)
     core = InferenceCore(repository)
     servicer = InferenceServicer(core, repository, limits, settings.max_message_bytes)
     runtime.add_service(pb_grpc.add_GRPCInferenceServiceServicer_to_server, servicer, SERVICE_NAME)

@@ -178,10 +178,15 @@ class ModelRepository:
         self._failures: dict[str, tuple[str, str]] = {}   # name -> (version, reason) of its last failed load
         self._unloaded: set[str] = set()
         self._swap_listeners: list[SwapListener] = []
+        self._release_listeners: list[Callable[[], object]] = []
 
     def on_swap(self, listener: SwapListener) -> None:
         """Call `await listener(version, previous)` after each load that made `version` current."""
         self._swap_listeners.append(listener)
+
+    def on_release(self, listener: Callable[[], object]) -> None:
+        """Call `listener()` after versions were released (the artifact cache may make room then)."""
+        self._release_listeners.append(listener)
 
     def resolve(self, name: str, version: str = "") -> ModelVersion:
         """The loaded version `version` of `name` ("" = current); NotFound when not loaded."""
@@ -381,7 +386,15 @@ class ModelRepository:
             await self._retire(removed)
 
     async def _retire(self, versions: Iterable[ModelVersion]) -> None:
+        versions = list(versions)
         await asyncio.gather(*(v.retire(self.release_timeout) for v in versions))
+        if not versions:
+            return
+        for listener in self._release_listeners:
+            try:
+                listener()
+            except Exception:  # noqa: BLE001 - the release happened; a listener's trouble must not undo it
+                log.exception("release listener failed")
 
     async def index(self, ready_only: bool = False) -> list[IndexEntry]:
         """Every model the source offers or that is loaded, one entry per loaded version."""
