@@ -22,7 +22,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from splitstack.chassis.errors import InvalidArgument, NotFound
+from splitstack.chassis.errors import InvalidArgument, NotFound, ResourceExhausted
 from splitstack.chassis.faults import crash_env, crash_point_hit
 from splitstack_registry import blobs
 from splitstack_registry.blobs import BlobInfo, LocalBlobStore, S3BlobStore, open_blob_store
@@ -344,3 +344,54 @@ async def test_kill_9_mid_upload_leaves_nothing_and_the_next_store_sweeps_the_sp
     store = backend.open_store()
     await assert_nothing_visible(backend, store, sha)
     assert list(Path(backend.settings.spool_dir).glob("*.lock")) == [store.spool.path.with_suffix(".lock")]
+
+
+async def test_an_upload_stops_when_the_spool_filesystem_fills_up_meanwhile(backend: Backend, tmp_path: Path) -> None:
+    store = backend.open_store()
+    store.spool.min_free_bytes = store.spool.free_bytes() - 64 * MiB       # room for this upload, not much more
+    data = os.urandom(2 * MiB)
+    filler = tmp_path / "filler"                                            # same filesystem as the spool
+
+    async def disk_fills_after_the_first_chunk() -> AsyncIterator[bytes]:
+        yield data[:MiB]
+        with open(filler, "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, 256 * MiB)                    # someone else takes the space
+        yield data[MiB:]
+
+    try:
+        with pytest.raises(ResourceExhausted, match="must stay free.*the upload was stopped"):
+            await store.put_verified(disk_fills_after_the_first_chunk(), sha256=digest(data), size=len(data),
+                                     max_bytes=4 * MiB)
+    finally:
+        filler.unlink(missing_ok=True)
+    await assert_nothing_visible(backend, store, digest(data))
+    store.spool.min_free_bytes = 0
+    assert await store.put_verified(ChunkSource([data]).__aiter__(), sha256=digest(data), size=len(data),
+                                    max_bytes=4 * MiB) == BlobInfo(digest(data), len(data))
+
+
+async def test_uploads_in_flight_reserve_their_declared_size(backend: Backend) -> None:
+    store = backend.open_store()
+    store.spool.min_free_bytes = store.spool.free_bytes() - 48 * MiB       # room for 48 MiB of uploads in all
+    first = os.urandom(MiB)
+    go_on = asyncio.Event()
+
+    async def paused() -> AsyncIterator[bytes]:
+        yield first[:1000]
+        await go_on.wait()
+        yield first[1000:]
+
+    declared = 32 * MiB                          # declares 32 MiB, sends 1 MiB (refused later as too short)
+    upload = asyncio.create_task(store.put_verified(paused(), sha256=digest(first), size=declared,
+                                                    max_bytes=64 * MiB))
+    while backend.spool_files() == []:
+        await asyncio.sleep(0.01)
+    second = os.urandom(MiB)
+    with pytest.raises(ResourceExhausted, match="promised to uploads in flight"):
+        await store.put_verified(ChunkSource([second]).__aiter__(), sha256=digest(second), size=24 * MiB,
+                                 max_bytes=64 * MiB)
+    go_on.set()
+    with pytest.raises(InvalidArgument, match="size_bytes"):
+        await upload
+    assert await store.put_verified(ChunkSource([second]).__aiter__(), sha256=digest(second), size=len(second),
+                                    max_bytes=64 * MiB) == BlobInfo(digest(second), len(second))
