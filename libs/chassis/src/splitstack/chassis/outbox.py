@@ -44,21 +44,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import nats.errors
-import nats.js.errors
 from google.protobuf import message as pb_message
 from prometheus_client import Counter, Gauge
 from sqlalchemy import (
     BigInteger, Column, Connection, DateTime, Engine, Index, Integer, LargeBinary, MetaData, String,
-    Table, Text, delete, func, insert, select, update,
+    Table, Text, func, insert, select, update,
 )
 from sqlalchemy.orm import Session
 
 from splitstack.chassis.faults import crash_point
+from splitstack.chassis.outbox_parking import (PARKED, Refusal, dead_letter_envelope, is_refusal, park,
+                                                parked_table)
 from splitstack.contracts.envelope import unwrap, wrap
 from splitstack.contracts.events import definition_for, stream_for, subject
 from splitstack.contracts.limits import OutOfBounds, check_event_size
-from splitstack.events.v1 import events_pb2
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +73,6 @@ DUPLICATES = Counter("splitstack_outbox_duplicates",
 PUBLISH_FAILURES = Counter("splitstack_outbox_publish_failures",
                            "Outbox publishes that failed; the event stays pending", ["outbox"])
 PENDING = Gauge("splitstack_outbox_pending", "Outbox events not yet published", ["outbox"])
-PARKED = Counter("splitstack_outbox_parked",
-                 "Poison outbox events moved to the dead-letter table after bounded refusals", ["outbox"])
 
 
 def _utcnow() -> dt.datetime:
@@ -99,28 +96,6 @@ def outbox_table(metadata: MetaData, name: str = "outbox") -> Table:
     Index(f"ix_{name}_pending", table.c.id, postgresql_where=pending, sqlite_where=pending)
     parked_table(metadata, name)
     return table
-
-
-def parked_table(metadata: MetaData, outbox_name: str = "outbox") -> Table:
-    """The dead-letter table of an outbox: poison rows, kept with why they were refused.
-
-    `outbox_table` declares it in the same metadata, so services that create their schema from
-    the metadata get it with the outbox; Alembic-managed services add it in a migration.
-    """
-    name = f"{outbox_name}_parked"
-    if name in metadata.tables:
-        return metadata.tables[name]
-    return Table(
-        name, metadata,
-        Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),  # the outbox row's id
-        Column("event_id", String(200), nullable=False, unique=True),
-        Column("subject", String(255), nullable=False),
-        Column("data", LargeBinary, nullable=False),
-        Column("created_at", DateTime(timezone=True), nullable=False),
-        Column("parked_at", DateTime(timezone=True), nullable=False),
-        Column("attempts", Integer, nullable=False),
-        Column("reason", Text, nullable=False),
-    )
 
 
 class Outbox:
@@ -197,19 +172,6 @@ class OutboxPublishError(RuntimeError):
         self.published = published
 
 
-PERMANENT_PUBLISH_ERRORS: tuple[type[BaseException], ...] = (
-    nats.errors.BadSubjectError, nats.errors.MaxPayloadError, ValueError, TypeError, UnicodeError)
-
-
-def is_refusal(exc: BaseException) -> bool:
-    """True when NATS refused the row itself (retrying cannot help), not when NATS was unreachable."""
-    if isinstance(exc, nats.js.errors.ServiceUnavailableError):
-        return False
-    if isinstance(exc, nats.js.errors.BadRequestError):       # JetStream 400: e.g. a message too large
-        return True
-    return isinstance(exc, PERMANENT_PUBLISH_ERRORS)
-
-
 @dataclass(frozen=True)
 class _PendingEvent:
     id: int
@@ -218,16 +180,6 @@ class _PendingEvent:
     data: bytes
     attempts: int
     created_at: dt.datetime
-
-
-@dataclass(frozen=True)
-class _Refusal:
-    event: _PendingEvent
-    reason: str
-
-    @property
-    def attempts(self) -> int:
-        return self.event.attempts + 1
 
 
 class OutboxRelay:
@@ -311,9 +263,9 @@ class OutboxRelay:
         try:
             batch = await asyncio.to_thread(self._claim, conn)
             published: list[int] = []
-            parked: list[_Refusal] = []
+            parked: list[Refusal] = []
             failure: tuple[_PendingEvent, BaseException] | None = None
-            refused: _Refusal | None = None
+            refused: Refusal | None = None
             for event in batch:
                 try:
                     reason = await self._try_publish(event)
@@ -324,7 +276,8 @@ class OutboxRelay:
                     crash_point("outbox.after_publish")
                     published.append(event.id)
                     continue
-                refusal = _Refusal(event, reason)
+                refusal = Refusal(event.id, event.event_id, event.subject, event.data, event.created_at,
+                                  event.attempts + 1, reason)
                 if refusal.attempts < self._max_attempts:
                     refused = refusal
                     break
@@ -376,55 +329,36 @@ class OutboxRelay:
         return [_PendingEvent(r.id, r.event_id, r.subject, bytes(r.data), r.attempts or 0, r.created_at)
                 for r in rows]
 
-    def _finish(self, conn: Connection, published: list[int], parked: list[_Refusal],
-                failure: tuple[_PendingEvent, BaseException] | None, refused: _Refusal | None) -> None:
+    def _finish(self, conn: Connection, published: list[int], parked: list[Refusal],
+                failure: tuple[_PendingEvent, BaseException] | None, refused: Refusal | None) -> None:
         """Mark published rows, park poison rows, count a refusal or failure, commit, update the gauge."""
         t = self._table
         if published:
             conn.execute(update(t).where(t.c.id.in_(published)).values(published_at=_utcnow()))
         for refusal in parked:
-            self._park(conn, refusal)
+            park(conn, t, self._parked, refusal)
         if refused is not None:
-            self._record_attempt(conn, refused.event, refused.reason)
+            self._record_attempt(conn, refused.row_id, refused.reason)
         if failure is not None:
-            self._record_attempt(conn, failure[0], repr(failure[1]))
+            self._record_attempt(conn, failure[0].id, repr(failure[1]))
         conn.commit()
         pending = conn.execute(select(func.count()).where(t.c.published_at.is_(None))).scalar_one()
         conn.rollback()
         PENDING.labels(**self._labels).set(pending)
 
-    def _record_attempt(self, conn: Connection, event: _PendingEvent, error: str) -> None:
+    def _record_attempt(self, conn: Connection, row_id: int, error: str) -> None:
         t = self._table
-        conn.execute(update(t).where(t.c.id == event.id).values(
+        conn.execute(update(t).where(t.c.id == row_id).values(
             attempts=t.c.attempts + 1, last_error=error[:LAST_ERROR_MAX_CHARS]))
 
-    def _park(self, conn: Connection, refusal: _Refusal) -> None:
-        """Move a poison row to the dead-letter table (same transaction: it is in exactly one)."""
-        event = refusal.event
-        conn.execute(insert(self._parked).values(
-            id=event.id, event_id=event.event_id, subject=event.subject[:255], data=event.data,
-            created_at=event.created_at or _utcnow(), parked_at=_utcnow(), attempts=refusal.attempts,
-            reason=refusal.reason[:LAST_ERROR_MAX_CHARS]))
-        conn.execute(delete(self._table).where(self._table.c.id == event.id))
-        PARKED.labels(**self._labels).inc()
-        log.error("outbox %s: parked event %s (%r) after %d refusals: %s", self._table.name, event.event_id,
-                  event.subject[:120], refusal.attempts, refusal.reason)
-
-    async def _announce_parked(self, refusal: _Refusal) -> None:
+    async def _announce_parked(self, refusal: Refusal) -> None:
         """Best effort: a DeadLetter event on deadletter.outbox-<producer> (the table keeps the row)."""
-        event = refusal.event
-        letter = events_pb2.DeadLetter(
-            consumer=self._dead_letter_subject.split(".", 1)[1], stream=self._table.name,
-            subject=event.subject[:255], event_id=event.event_id, stream_sequence=event.id,
-            deliveries=refusal.attempts, error=refusal.reason[:LAST_ERROR_MAX_CHARS])
-        letter.at.GetCurrentTime()
-        envelope = wrap(letter, producer=getattr(self._bus, "producer", "chassis"),
-                        event_id=f"deadletter-{self._table.name}-{event.event_id}")
+        producer = getattr(self._bus, "producer", "chassis")
+        event_id, data = dead_letter_envelope(refusal, self._dead_letter_subject, self._table.name, producer)
         try:
-            await self._bus.publish_raw(self._dead_letter_subject, envelope.SerializeToString(),
-                                        event_id=envelope.event_id)
+            await self._bus.publish_raw(self._dead_letter_subject, data, event_id=event_id)
         except Exception as exc:  # noqa: BLE001  the parked row is the record; the event is a courtesy
-            log.warning("outbox %s: announcing parked event %s failed: %r", self._table.name, event.event_id, exc)
+            log.warning("outbox %s: announcing parked event %s failed: %r", self._table.name, refusal.event_id, exc)
 
     async def _sleep(self, delay: float, *, wakeable: bool) -> None:
         """Wait `delay` seconds, or less when stopping (or woken, if `wakeable`)."""
