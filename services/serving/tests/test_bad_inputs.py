@@ -193,6 +193,12 @@ def _timeout_as_text() -> pb.ModelInferRequest:
     return request
 
 
+def _shared_memory() -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="mlp")
+    request.inputs.add(name="x", datatype="FP32", shape=[1, 64]).parameters["shared_memory_region"].string_param = "r"
+    return request
+
+
 EDGE_CASES = {
     # The two shapes of the report: numpy refused to reshape them and the client got INTERNAL (ValueError).
     "[0, 2^62]": (lambda: _shaped("mlp", [0, 2**62], b""), ["'x'", "expected shape [-1, 64]",
@@ -222,6 +228,7 @@ EDGE_CASES = {
                                ["output 'logits' is requested more than once"]),
     "huge input name": (_huge_input_name, ["unexpected input 'yyyy", "(100000 characters)", "model 'pair'"]),
     "timeout as text": (_timeout_as_text, ["parameter 'timeout' must be an int64"]),
+    "shared memory": (_shared_memory, ["'x'", "names a shared memory region"]),
 }
 
 

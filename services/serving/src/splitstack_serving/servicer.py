@@ -34,12 +34,17 @@ SERVICE_NAME = "inference.GRPCInferenceService"
 SERVER_NAME = "splitstack-serving"
 EXTENSIONS = ("model_repository", "model_configuration", "statistics", "parameters")
 TIMEOUT_PARAMETER = "timeout"
+SHARED_MEMORY_PARAMETER = "shared_memory_region"
 
 
 def decode_inputs(request: pb.ModelInferRequest) -> list[InputTensor]:
     """The request's inputs as they came (checked against the model and decoded by the core)."""
     inputs = request.inputs
     raw = request.raw_input_contents
+    for tensor in (*inputs, *request.outputs):
+        if SHARED_MEMORY_PARAMETER in tensor.parameters:
+            raise InvalidArgument(f"tensor {shown(tensor.name)} names a shared memory region; this server has no "
+                                  "shared memory: send the data in the request")
     if raw:
         if len(raw) != len(inputs):
             raise InvalidArgument(f"{len(raw)} raw_input_contents for {len(inputs)} inputs: send one raw buffer "
