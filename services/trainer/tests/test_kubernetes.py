@@ -15,6 +15,7 @@ import asyncio
 import copy
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
@@ -83,6 +84,18 @@ def test_rendered_manifests_validate_strictly(profile_name: str) -> None:
     claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v]
     assert claims == [CLUSTER.pvc]
     assert config.work_dir.startswith(container["volumeMounts"][0]["mountPath"])
+    # Locked down: non-root, no capabilities or escalation, read-only root, RuntimeDefault seccomp, no API token;
+    # the working directory, HOME and TMPDIR are the pod's own emptyDir, never the shared volume.
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["automountServiceAccountToken"] is False
+    assert container["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                                            "readOnlyRootFilesystem": True, "runAsNonRoot": True}
+    assert env["PYTHONSAFEPATH"] == "1" and env["HOME"] == env["TMPDIR"] == container["workingDir"]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts[container["workingDir"]]] and "emptyDir" in volumes[mounts["/tmp"]]
+    assert not container["workingDir"].startswith(CLUSTER.mount_path)
     if profile_name == "a100-bf16":
         assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
         assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
@@ -99,18 +112,23 @@ def test_strict_validation_rejects_a_misspelled_field() -> None:
         kubernetes_validate.validate(broken, latest_version(), strict=True)
 
 
-async def run_pods(job: dict[str, Any], timeout: float = 120.0) -> None:
+async def run_pods(job: dict[str, Any], scratch: Path, timeout: float = 120.0) -> None:
     """What the Job controller and kubelet would do: one process per completion index, the pod's command
-    and environment (NODE_RANK from the index; rank 0's DNS name replaced by the loopback address)."""
+    and environment (NODE_RANK from the index; rank 0's DNS name replaced by the loopback address), in
+    the pod's working directory (its emptyDir, here a directory of its own under `scratch`)."""
     container = job["spec"]["template"]["spec"]["containers"][0]
     base = {k: v for k, v in os.environ.items() if not k.startswith("SPLITSTACK_")}
     procs = []
     for index in range(job["spec"]["completions"]):
+        own = scratch / f"pod-{index}"
+        own.mkdir(parents=True)
         env = dict(base)
         for name_, value in env_of(container).items():
             env[name_] = str(index) if isinstance(value, dict) else value
+            if value == container["workingDir"]:
+                env[name_] = str(own)
         env["MASTER_ADDR"] = "127.0.0.1"
-        procs.append(await asyncio.create_subprocess_exec(*container["command"], *container["args"], env=env,
+        procs.append(await asyncio.create_subprocess_exec(*container["command"], *container["args"], env=env, cwd=own,
                                                           stdout=asyncio.subprocess.PIPE,
                                                           stderr=asyncio.subprocess.STDOUT))
     outputs = await asyncio.wait_for(asyncio.gather(*(p.communicate() for p in procs)), timeout)
@@ -137,7 +155,7 @@ async def test_kubernetes_executor_against_kmock_runs_two_rank_ddp_and_cancels(f
         service = await until_stored(kmock, SERVICES, name_)
         for doc in (manifest, service):
             validate_strictly(doc)
-        await run_pods(manifest)
+        await run_pods(manifest, tmp_path / "pods")
         versions = await api.registry.versions(model)
         assert [v.version for v in versions] == [1] and versions[0].idempotency_key == job.id
         assert versions[0].lineage.hyperparameters["world_size"] == "2"

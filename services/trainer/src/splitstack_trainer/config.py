@@ -12,6 +12,8 @@ import sys
 
 from splitstack.chassis.config import ChassisSettings, ConfigError, load_settings, peer_addr
 from splitstack.contracts.names import InvalidName, check_name
+from splitstack_trainer.overrides import parse_quantity
+from splitstack_trainer.usercode import check_prefix
 
 SERVICE_NAME = "trainer"
 EXECUTORS = ("local", "kubernetes")
@@ -42,6 +44,15 @@ class TrainerSettings(ChassisSettings):
     max_deliver: int = 5                         # data.updated work consumer
     ack_wait_seconds: float = 30.0
     relay_poll_seconds: float = 0.5
+    # What a JobSpec may ask for: the operator's decision (usercode.py, overrides.py).
+    allowed_module_prefixes: tuple[str, ...] = ()  # model code besides the built-in recipes (dotted prefixes)
+    code_check_timeout_seconds: float = 120.0    # the child process that imports allowed code to check a spec
+    max_code_checks: int = 2                     # such child processes at once
+    override_max_nodes: int = 2                  # profile_override bounds: nodes,
+    override_max_devices: int = 8                # devices per node,
+    override_max_cpu: str = "16"                 # and per pod: CPU, memory (Kubernetes quantities), GPUs
+    override_max_memory: str = "64Gi"
+    override_max_gpus: int = 8
     # The kubernetes executor: enabled when a namespace and an image are set.
     kubernetes_namespace: str = ""
     kubernetes_image: str = ""
@@ -81,6 +92,24 @@ class TrainerSettings(ChassisSettings):
                 check_name("default_required_targets", target)
         except InvalidName as exc:
             raise ConfigError(f"SPLITSTACK_TRAINER_DEFAULT_REQUIRED_TARGETS: {exc}") from None
+        self._check_job_bounds()
+
+    def _check_job_bounds(self) -> None:
+        for name in ("code_check_timeout_seconds", "max_code_checks", "override_max_nodes", "override_max_devices"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"SPLITSTACK_TRAINER_{name.upper()} must be > 0, got {getattr(self, name)}")
+        if self.override_max_gpus < 0:
+            raise ConfigError(f"SPLITSTACK_TRAINER_OVERRIDE_MAX_GPUS must be >= 0, got {self.override_max_gpus}")
+        try:
+            for prefix in self.allowed_module_prefixes:
+                check_prefix(prefix)
+        except ValueError as exc:
+            raise ConfigError(f"SPLITSTACK_TRAINER_ALLOWED_MODULE_PREFIXES: {exc}") from None
+        for name in ("override_max_cpu", "override_max_memory"):
+            try:
+                parse_quantity(getattr(self, name))
+            except ValueError as exc:
+                raise ConfigError(f"SPLITSTACK_TRAINER_{name.upper()}: {exc}") from None
 
     @property
     def producer(self) -> str:

@@ -25,6 +25,9 @@ SUPERVISOR_ENV = "SPLITSTACK_JOB_SUPERVISOR_PID"   # set by the local executor: 
 FAILURE_PREFIX = "job failed: "                      # a failed rank's last stderr line starts with this
 LAST_CHECKPOINT = "last.ckpt"                        # under checkpoint_dir, written after every epoch
 RESULT_FILE = "result.json"                          # under outputs_dir, written last: outputs complete
+# Every rank's interpreter, local or in a pod: the current directory is never on the import path
+# (`python -m` would put it first), output unbuffered, no bytecode written next to the code.
+JOB_PYTHON_ENV = {"PYTHONSAFEPATH": "1", "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}
 TRANSIENT_EXIT_STATUS = 75                           # EX_TEMPFAIL: the rank gave up on an unreachable peer
 
 

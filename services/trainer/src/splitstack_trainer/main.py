@@ -41,11 +41,13 @@ from splitstack_trainer.executors.local import LocalExecutor
 from splitstack_trainer.feed import JobFeed, ProgressBook
 from splitstack_trainer.handlers import DataUpdatedHandler, ProgressHandler
 from splitstack_trainer.jobs import JobFactory
+from splitstack_trainer.overrides import OverrideLimits
 from splitstack_trainer.registry_client import RegistryClient
 from splitstack_trainer.retrain import Retraining
 from splitstack_trainer.runner import JobRunner
 from splitstack_trainer.servicer import SERVICE_NAME as GRPC_SERVICE, TrainerServicer
 from splitstack_trainer.specs import PlanDefaults
+from splitstack_trainer.usercode import CodeChecker
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +124,8 @@ def _core(settings: TrainerSettings, profiles: dict[str, common_pb2.TrainingProf
     defaults = PlanDefaults(profiles=profiles, profile=settings.default_profile, executor=settings.default_executor,
                             executors=tuple(executors), max_epochs=settings.default_max_epochs,
                             required_targets=settings.default_required_targets,
-                            gpu_available=torch.cuda.is_available())
+                            gpu_available=torch.cuda.is_available(), code=CodeChecker.from_settings(settings),
+                            override_limits=OverrideLimits.from_settings(settings))
     factory = JobFactory(settings, defaults, executors, registry)
     feed, progress = JobFeed(), ProgressBook(persist_seconds=max(1.0, settings.progress_interval_seconds))
     changed = _JobChanged()

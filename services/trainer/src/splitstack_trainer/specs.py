@@ -1,15 +1,20 @@
 """Judging a JobSpec before anything runs: names, code, hyperparameters, profile and executor.
 
 `plan_job` turns a submitted spec into a `TrainingPlan` or raises `InvalidArgument` naming the
-problem: an unknown recipe, an import path that does not import, a class that is not a
-`LightningModule` / `LightningDataModule`, hyperparameters neither class takes (or of the wrong
-type, or refused by the class's own `check_hyperparameters`), an unknown or malformed profile,
-an executor this trainer does not run. The classes are imported (user code runs its module-level
-statements) but never instantiated: that happens in the job process. The dataset version is
-checked against the registry by the core, which owns the registry client.
+problem: an unknown recipe, an import path that is malformed or outside the operator's allow-list
+(usercode.py: refused before anything is imported), an import path that does not import, a class
+that is not a `LightningModule` / `LightningDataModule`, hyperparameters neither class takes (or of
+the wrong type, or refused by the class's own `check_hyperparameters`), an unknown profile or a
+`profile_override` past the operator's limits (overrides.py), an executor this trainer does not run.
+The cheap checks come first; the code is checked last. The built-in recipes are imported here (the
+trainer's own code); any other allowed module only in a short-lived child process
+(usercode.CodeChecker), never in the trainer. Classes are never instantiated: that happens in the
+job process. The dataset version is checked against the registry by the core, which owns the
+registry client.
 
-The same hyperparameter binding (`bind_hyperparameters`) runs again in the job process, so a spec
-that passed here builds there with exactly these arguments.
+The same hyperparameter binding (`bind_hyperparameters`) runs in the trainer (built-in recipes) and
+in the checking child (any other code), so a spec that passed builds in the job process with
+exactly these arguments.
 """
 
 from __future__ import annotations
@@ -30,11 +35,12 @@ from splitstack.contracts import handoff
 from splitstack.contracts.names import InvalidName, check_name
 from splitstack.registry.v1 import registry_pb2
 from splitstack.trainer.v1 import trainer_pb2 as pb
+from splitstack_trainer.overrides import OverrideLimits, check_override
 from splitstack_trainer.recipes import RECIPES
+from splitstack_trainer.usercode import CodeChecker, split_import_path
 
 # Arguments the trainer itself gives every data module; hyperparameters may not set them.
 DATAMODULE_ARGUMENTS = ("dataset_path", "batch_size")
-PRECISIONS = ("32-true", "32", "64-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true")
 
 
 @dataclass(frozen=True)
@@ -71,16 +77,16 @@ class PlanDefaults:
     max_epochs: int
     required_targets: tuple[str, ...]
     gpu_available: bool
+    code: CodeChecker = field(default_factory=CodeChecker)                 # allow-list + checking child
+    override_limits: OverrideLimits = field(default_factory=OverrideLimits)
 
 
 def plan_job(spec: pb.JobSpec, defaults: PlanDefaults, *, need_dataset: bool = True) -> TrainingPlan:
     """Check `spec` and fill its defaults; InvalidArgument (or FailedPrecondition) naming the problem."""
     _check_names(spec, need_dataset)
     module_path, datamodule_path, recipe_defaults = _code_of(spec)
-    module_cls = load_class("module", module_path, "lightning.pytorch:LightningModule")
-    datamodule_cls = load_class("datamodule", datamodule_path, "lightning.pytorch:LightningDataModule")
-    given = {**recipe_defaults, **json_format.MessageToDict(spec.hyperparameters)}
-    module_kw, datamodule_kw = _bind_or_reject(given, module_cls, datamodule_cls)
+    defaults.code.ensure_allowed("module", module_path)          # before anything is imported
+    defaults.code.ensure_allowed("datamodule", datamodule_path)
     profile = _profile_of(spec, defaults)
     executor = spec.executor or defaults.executor
     if executor not in defaults.executors:
@@ -95,6 +101,8 @@ def plan_job(spec: pb.JobSpec, defaults: PlanDefaults, *, need_dataset: bool = T
         raise InvalidArgument(f"dataset_version must be >= 0 (0 = the latest), got {spec.dataset_version}")
     if spec.parent_version < 0:
         raise InvalidArgument(f"parent_version must be >= 0, got {spec.parent_version}")
+    given = {**recipe_defaults, **json_format.MessageToDict(spec.hyperparameters)}
+    module_kw, datamodule_kw = _bound_hyperparameters(module_path, datamodule_path, given, defaults.code)
     return TrainingPlan(
         model=spec.model, recipe=spec.recipe, module=module_path, datamodule=datamodule_path,
         module_hparams=module_kw, datamodule_hparams=datamodule_kw, profile=profile, executor=executor,
@@ -135,11 +143,20 @@ def _code_of(spec: pb.JobSpec) -> tuple[str, str, dict[str, Any]]:
     return spec.module, spec.datamodule, {}
 
 
+def _bound_hyperparameters(module_path: str, datamodule_path: str, given: dict[str, Any],
+                           code: CodeChecker) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Built-in recipes: imported and bound here. Any other (allowed) code: in the checking child."""
+    if code.is_builtin(module_path) and code.is_builtin(datamodule_path):
+        module_cls = load_class("module", module_path, "lightning.pytorch:LightningModule")
+        datamodule_cls = load_class("datamodule", datamodule_path, "lightning.pytorch:LightningDataModule")
+        return _bind_or_reject(given, module_cls, datamodule_cls)
+    return code.check_in_child(module_path, datamodule_path, given)
+
+
 def load_class(field_name: str, path: str, base_path: str) -> type:
-    """Import `package.module:Class` and check it subclasses `base_path`; InvalidArgument otherwise."""
-    module_name, sep, qualname = path.partition(":")
-    if not sep or not module_name or not qualname:
-        raise InvalidArgument(f"{field_name} {path!r} is not an import path of the form package.module:Class")
+    """Import `package.module:Class` and check it subclasses `base_path`; InvalidArgument otherwise.
+    Only the job process, the checking child and (for built-in recipes) the trainer call this."""
+    module_name, qualname = split_import_path(field_name, path)
     try:
         target: Any = importlib.import_module(module_name)
         for part in qualname.split("."):
@@ -254,31 +271,12 @@ def _class_check(cls: type, kwargs: dict[str, Any]) -> None:
 
 def _profile_of(spec: pb.JobSpec, defaults: PlanDefaults) -> common_pb2.TrainingProfile:
     if spec.HasField("profile_override"):
-        return check_profile(spec.profile_override)
+        return check_override(spec.profile_override, defaults.override_limits, defaults.profiles)
     name = spec.profile or defaults.profile
     profile = defaults.profiles.get(name)
     if profile is None:
         raise InvalidArgument(f"profile {name!r} is unknown (known: {', '.join(sorted(defaults.profiles))})")
     return profile
-
-
-def check_profile(profile: common_pb2.TrainingProfile) -> common_pb2.TrainingProfile:
-    """An ad-hoc profile: positive sizes, a Lightning precision, an accelerator."""
-    checked = common_pb2.TrainingProfile()
-    checked.CopyFrom(profile)
-    if not checked.name:
-        checked.name = "custom"
-    try:
-        check_name("profile_override.name", checked.name)
-    except InvalidName as exc:
-        raise InvalidArgument(str(exc)) from None
-    if checked.batch_size <= 0 or checked.devices <= 0 or checked.nodes <= 0:
-        raise InvalidArgument("profile_override: batch_size, devices and nodes must be positive")
-    if checked.precision not in PRECISIONS:
-        raise InvalidArgument(f"profile_override.precision {checked.precision!r} is not one of {PRECISIONS}")
-    if checked.accelerator not in (common_pb2.CPU, common_pb2.GPU):
-        raise InvalidArgument("profile_override.accelerator must be CPU or GPU")
-    return checked
 
 
 def _policy_of(spec: pb.JobSpec) -> registry_pb2.PromotionPolicy | None:

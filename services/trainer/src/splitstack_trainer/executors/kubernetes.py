@@ -8,6 +8,13 @@ nodes x devices. The profile gives node selector, tolerations and resources (GPU
 datasets and checkpoints live on a shared PersistentVolumeClaim, so a rescheduled pod resumes
 from the last checkpoint. `backoffLimit: 0`: a failed rank fails the Job, and the trainer decides.
 
+Pods are locked down: the pod runs as the image's non-root user (`runAsNonRoot`, uid/gid/fsGroup
+10001), with the RuntimeDefault seccomp profile and no service-account token; the container with
+no capabilities, no privilege escalation and a read-only root filesystem. Its working directory,
+`HOME` and `TMPDIR` are a per-pod `emptyDir` (`/scratch`, plus one on `/tmp`), never the shared
+volume, and `PYTHONSAFEPATH=1` keeps any current directory off the import path, so nothing one job
+writes can be imported by another.
+
 The executor submits, polls (no watch: polling also works against emulators) and deletes through
 the official `kubernetes` client (the `kubernetes` extra), called in threads.
 """
@@ -26,13 +33,16 @@ from splitstack.chassis.config import ConfigError
 from splitstack.common.v1 import common_pb2
 from splitstack_trainer.config import TrainerSettings
 from splitstack_trainer.executors import Outcome
-from splitstack_trainer.jobconfig import JobConfig
+from splitstack_trainer.jobconfig import JOB_PYTHON_ENV, JobConfig
 
 log = logging.getLogger(__name__)
 
 JOB_LABEL = "splitstack.io/training-job"
 COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 SHARED_VOLUME = "shared"
+SCRATCH_VOLUME, SCRATCH_DIR = "scratch", "/scratch"   # the pod's own: working directory, HOME, TMPDIR
+TMP_VOLUME = "tmp"
+POD_USER = 10001                                      # the trainer image's user (services/trainer/Dockerfile)
 FINISHED_TTL_SECONDS = 86400
 HTTP_NOT_FOUND = 404
 HTTP_CONFLICT = 409
@@ -80,19 +90,34 @@ def _environment(config: JobConfig, cluster: Cluster, name: str) -> list[dict[st
         {"name": "WORLD_SIZE", "value": str(config.world_size)},
         {"name": "SPLITSTACK_NATS_URL", "value": cluster.nats_url},
         {"name": "SPLITSTACK_REGISTRY_ADDR", "value": cluster.registry_addr},
-        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        *({"name": name, "value": value} for name, value in sorted(JOB_PYTHON_ENV.items())),
+        {"name": "HOME", "value": SCRATCH_DIR},
+        {"name": "TMPDIR", "value": SCRATCH_DIR},
     ]
     return env
+
+
+def _container_security() -> dict[str, Any]:
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True}
+
+
+def _pod_security() -> dict[str, Any]:
+    return {"runAsNonRoot": True, "runAsUser": POD_USER, "runAsGroup": POD_USER, "fsGroup": POD_USER,
+            "seccompProfile": {"type": "RuntimeDefault"}}
 
 
 def _container(config: JobConfig, cluster: Cluster, name: str, profile: common_pb2.TrainingProfile) -> dict[str, Any]:
     argv = config.argv(cluster.python)
     container: dict[str, Any] = {
-        "name": "rank", "image": cluster.image, "command": argv[:3], "args": argv[3:],
+        "name": "rank", "image": cluster.image, "command": argv[:3], "args": argv[3:], "workingDir": SCRATCH_DIR,
         "env": _environment(config, cluster, name),
         "ports": [{"name": "rendezvous", "containerPort": cluster.master_port, "protocol": "TCP"}],
         "volumeMounts": [{"name": SHARED_VOLUME, "mountPath": cluster.mount_path},
+                         {"name": SCRATCH_VOLUME, "mountPath": SCRATCH_DIR},
+                         {"name": TMP_VOLUME, "mountPath": "/tmp"},
                          {"name": "dshm", "mountPath": "/dev/shm"}],
+        "securityContext": _container_security(),
     }
     if profile.resources:
         limits = dict(sorted(profile.resources.items()))
@@ -114,9 +139,11 @@ def render_training_job(config: JobConfig, cluster: Cluster) -> list[dict[str, A
                             "protocol": "TCP"}]},
     }
     pod: dict[str, Any] = {
-        "subdomain": name, "restartPolicy": "Never",
+        "subdomain": name, "restartPolicy": "Never", "automountServiceAccountToken": False,
+        "securityContext": _pod_security(),
         "containers": [_container(config, cluster, name, profile)],
         "volumes": [{"name": SHARED_VOLUME, "persistentVolumeClaim": {"claimName": cluster.pvc}},
+                    {"name": SCRATCH_VOLUME, "emptyDir": {}}, {"name": TMP_VOLUME, "emptyDir": {}},
                     {"name": "dshm", "emptyDir": {"medium": "Memory"}}],
     }
     if profile.node_selector:

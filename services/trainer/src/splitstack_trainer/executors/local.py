@@ -8,6 +8,10 @@ included) and carries `SPLITSTACK_JOB_SUPERVISOR_PID`, by which it arms PR_SET_P
 trainer dies, its jobs die with it, and the restarted trainer resumes them from their checkpoints.
 Rank output is appended to `<work_dir>/rank-<n>.log`; a failed rank's `job failed:` line (or last
 line) becomes the job's error, and the other ranks are stopped.
+
+Nothing a job writes can be imported by another: every rank runs in its own job's directory with
+`PYTHONSAFEPATH=1` (neither that directory nor any other current directory is on its import path),
+and the inherited `PYTHONPATH` keeps only absolute entries outside the trainer's work directory.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ from pathlib import Path
 
 from splitstack_trainer.config import TrainerSettings
 from splitstack_trainer.executors import Outcome
-from splitstack_trainer.jobconfig import (FAILURE_PREFIX, LAST_CHECKPOINT, RESULT_FILE, SUPERVISOR_ENV,
-                                          TRANSIENT_EXIT_STATUS, JobConfig)
+from splitstack_trainer.jobconfig import (FAILURE_PREFIX, JOB_PYTHON_ENV, LAST_CHECKPOINT, RESULT_FILE,
+                                          SUPERVISOR_ENV, TRANSIENT_EXIT_STATUS, JobConfig)
+from splitstack_trainer.usercode import import_roots
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +69,10 @@ class LocalExecutor:
         env = {k: v for k, v in os.environ.items() if not k.startswith(OWN_SETTINGS_PREFIX)}
         env.update(self._platform_env)
         env[SUPERVISOR_ENV] = str(os.getpid())
-        env["PYTHONUNBUFFERED"] = "1"
+        env.update(JOB_PYTHON_ENV)
+        roots = import_roots(env.pop("PYTHONPATH", ""), self._root)
+        if roots:
+            env["PYTHONPATH"] = os.pathsep.join(roots)
         if config.world_size > 1:
             env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port), NODE_RANK=str(rank),
                        WORLD_SIZE=str(config.world_size))
