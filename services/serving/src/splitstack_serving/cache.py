@@ -9,7 +9,7 @@ ever visible under a digest, and an interrupted download leaves nothing behind. 
 writing run in worker threads: a download never stalls the requests being served meanwhile.
 
 The cache is bounded (`max_bytes`, SPLITSTACK_SERVING_CACHE_MAX_BYTES): after every download or
-reuse, the least recently used artifacts (by the file's modification time, which each use renews)
+reuse, and whenever the repository released versions (`evict`), the least recently used artifacts (by the file's modification time, which each use renews)
 are removed until the total fits, except those in use (`keep_in_use`: the loaded versions' and
 the one being opened) and those being downloaded. An artifact larger than the bound is refused
 before its download; a download that grows past its announced size or the bound is stopped.

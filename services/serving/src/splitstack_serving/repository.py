@@ -10,7 +10,13 @@ stays current) and is reported by `index()`; so is a fetch the source refuses
 warmed version has just replaced another as current, before the swap is announced and the old
 version released (a first load of a model, replacing nothing, does not pass it).
 Anything `resolve` returns is loaded *and* warmed, so readiness is `resolve` success. Swap
-listeners (`on_swap`) hear of every version made current, after the swap (model.deployed).
+listeners (`on_swap`) hear of every version made current, after the swap (model.deployed);
+release listeners (`on_release`) after versions were released (the artifact cache makes room).
+
+Bounds (`ServingLimits`): at most `max_loaded_models` models (a first load past it is
+ResourceExhausted before anything is fetched; `reserve`d, i.e. followed, models always have a
+slot) and `max_versions_per_model` versions each: past it the oldest spare versions leave service,
+idle before busy, never the current one nor the `pin`ned one (the followed alias's version).
 """
 
 from __future__ import annotations
