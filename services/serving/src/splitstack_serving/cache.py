@@ -112,7 +112,10 @@ class ArtifactCache:
         for directory in base.iterdir() if base.is_dir() else ():
             size, used = 0, 0.0
             for file in directory.iterdir():
-                stat = file.stat()
+                try:
+                    stat = file.stat()
+                except FileNotFoundError:  # removed meanwhile (someone cleaning the cache by hand)
+                    continue
                 if file.name.endswith(PARTIAL_SUFFIX):
                     if stat.st_mtime < self._started:
                         file.unlink(missing_ok=True)
