@@ -21,9 +21,12 @@ the tests see exactly which process ran which code:
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import textwrap
+import threading
 import time
+import uuid
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -50,7 +53,7 @@ from splitstack_trainer.usercode import CodeChecker, import_roots, is_under, spl
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
 KNOB = "SPLITSTACK_TRAINER_ALLOWED_MODULE_PREFIXES"
-CHECK_TIMEOUT_SECONDS = 90.0        # a check imports torch + lightning: ~20 s on a busy 2-core machine
+CHECK_TIMEOUT_SECONDS = 120.0       # a check imports torch + lightning: 20-40 s on a busy 2-core machine
 DIGITS_DATA = "splitstack_trainer.recipes.digits:DigitsDataModule"
 
 MARK = """\
@@ -255,6 +258,59 @@ def test_local_ranks_get_a_safe_path_and_their_own_working_directory(tmp_path: P
     assert import_roots("", None) == [] and import_roots("/a:b:/c", None) == ["/a", "/c"]
 
 
+def fake_python(tmp_path: Path, body: str) -> str:
+    """An executable standing in for the interpreter of the checking child."""
+    script = tmp_path / f"python-{uuid.uuid4().hex[:6]}"
+    script.write_text("#!/bin/sh\n" + body)
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_the_checking_child_is_isolated_bounded_and_killed_on_time(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.setenv("SPLITSTACK_NATS_PASSWORD", "secret")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    seen = tmp_path / "seen"
+    spy = fake_python(tmp_path, f'echo "$@" > {seen}.args; env > {seen}.env; pwd > {seen}.cwd; cat > {seen}.in\n'
+                                'echo "the last words"; exit 3\n')
+    checker = CodeChecker(("acme",), timeout_seconds=60, python=spy, path=("/opt/models",))
+    with pytest.raises(InvalidArgument, match="exited with status 3 without an answer: the last words"):
+        checker.check_in_child("acme.nets:Net", "acme.nets:Data", {"hidden": 4})
+    assert Path(f"{seen}.args").read_text().split() == ["-I", "-m", "splitstack_trainer.job.codecheck"]
+    env = dict(line.split("=", 1) for line in Path(f"{seen}.env").read_text().splitlines() if "=" in line)
+    assert env["PYTHONSAFEPATH"] == "1" and env["CUDA_VISIBLE_DEVICES"] == ""
+    assert not [k for k in env if k.startswith(("SPLITSTACK_NATS", "SPLITSTACK_TRAINER", "AWS_", "PYTHONPATH"))]
+    cwd = Path(Path(f"{seen}.cwd").read_text().strip())
+    assert cwd.name == "cwd" and env["HOME"] == str(cwd.parent) and not cwd.exists()   # scratch removed after
+    request = json.loads(Path(f"{seen}.in").read_text())
+    assert request["path"] == ["/opt/models"] and request["module"] == "acme.nets:Net"
+    assert request["hyperparameters"] == {"hidden": 4}
+
+    # A child that never answers is killed with its whole process group; one check runs, one waits, more are refused.
+    grandchild = tmp_path / "grandchild.pid"
+    sleeper = fake_python(tmp_path, f"sleep 300 &\necho $! > {grandchild}\nsleep 300\n")
+    slow = CodeChecker((), timeout_seconds=3, max_concurrent=1, python=sleeper)
+    outcomes: list[str] = []
+
+    def check() -> None:
+        try:
+            slow.check_in_child("acme.nets:Net", "acme.nets:Data", {})
+        except Exception as exc:  # noqa: BLE001 - the outcome is what the test looks at
+            outcomes.append(type(exc).__name__ + ": " + str(exc))
+
+    threads = [threading.Thread(target=check) for _ in range(3)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+        time.sleep(0.3)
+    for thread in threads:
+        thread.join(60)
+    assert time.monotonic() - started < 30
+    assert sorted(o.split(":")[0] for o in outcomes) == ["FailedPrecondition", "FailedPrecondition", "Unavailable"], outcomes
+    assert all("did not finish within 3 s" in o for o in outcomes if o.startswith("FailedPrecondition"))
+    pid = int(grandchild.read_text())
+    assert not Path(f"/proc/{pid}").exists() or ") Z " in Path(f"/proc/{pid}/stat").read_text()
+
+
 # ---- against a running trainer ----------------------------------------------------------------------
 
 async def test_code_outside_the_allow_list_is_refused_before_anything_imports_it(code_stack, api, dataset) -> None:  # noqa: ANN001
@@ -280,11 +336,11 @@ async def test_code_outside_the_allow_list_is_refused_before_anything_imports_it
         assert code_stack.marked(tag) == {}, f"{tag} code was imported: {code_stack.marked(tag)}"
 
 
+@pytest.mark.timeout(600)
 async def test_allowed_code_is_checked_in_a_child_process_never_in_the_trainer(code_stack, api, dataset) -> None:  # noqa: ANN001
     model = name("acme")
     cases = [
         (user_spec(model, dataset, "acme_models.missing:Net"), ("acme_models.missing", "cannot be imported")),
-        (user_spec(model, dataset, "acme_models.nets:NoSuchNet"), ("acme_models.nets", "NoSuchNet")),
         (user_spec(model, dataset, "acme_models.nets:NotAModel"), ("acme_models.nets:NotAModel", "not a LightningModule")),
         (user_spec(model, dataset, "acme_models.nets:TinyNet", hyperparameters={"hiddn": 3}), ("hiddn", "TinyNet")),
         (user_spec(model, dataset, "acme_models.crash:Net"), ("acme_models.crash", "exited with status 3")),
@@ -303,6 +359,7 @@ async def test_allowed_code_is_checked_in_a_child_process_never_in_the_trainer(c
                if "jobs" not in Path(cwd).parts), importers
 
 
+@pytest.mark.timeout(600)
 async def test_a_hanging_import_is_killed_and_the_trainer_keeps_serving(code_stack, api, dataset) -> None:  # noqa: ANN001
     model = name("hang")
     started = time.monotonic()
@@ -368,11 +425,12 @@ async def test_profile_override_past_any_operator_limit_is_refused(api, dataset)
     await api.cancel(job.id, "only acceptance mattered")
 
 
+@pytest.mark.timeout(900)
 async def test_one_job_cannot_plant_a_module_that_another_job_imports(code_stack, api, dataset) -> None:  # noqa: ANN001
     planter = await checked_submit(api, user_spec(name("planter"), dataset, "acme_models.planter:PlanterNet", max_epochs=1000))
     await api.wait(planter.id, [pb.RUNNING])
     planted = code_stack.jobs_dir / planter.id / "planted_probe.py"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300
     while not planted.exists():
         assert time.monotonic() < deadline, "the planting job never planted"
         assert (await api.get(planter.id)).state == pb.RUNNING, await api.get(planter.id)
@@ -383,7 +441,7 @@ async def test_one_job_cannot_plant_a_module_that_another_job_imports(code_stack
         assert Path(os.readlink(f"/proc/{pid}/cwd")) == code_stack.jobs_dir / planter.id
     try:
         victim = await checked_submit(api, user_spec(name("victim"), dataset, "acme_models.victim:VictimNet", max_epochs=2))
-        done = await api.wait(victim.id, timeout=240)
+        done = await api.wait(victim.id, timeout=480)
         assert done.state == pb.SUCCEEDED and done.model_version == 1, done
         assert (code_stack.jobs_dir / victim.id / "planted_probe.py").exists(), "the plant never reached the victim"
         assert code_stack.marked("planted-imported") == {}, "a planted module was imported"

@@ -16,7 +16,10 @@ operator's decision:
   site and no current directory on its path) imports it in a fresh scratch directory with a
   scrubbed environment (no credentials, no GPU), binds the hyperparameters exactly as
   `specs.bind_hyperparameters` does, and writes the outcome as JSON. It is killed (its whole
-  process group) after `code_check_timeout_seconds`; at most `max_code_checks` run at once.
+  process group) after `code_check_timeout_seconds` (FAILED_PRECONDITION); a child that crashes or
+  answers nothing is INVALID_ARGUMENT with its last output line. At most `max_code_checks` run at
+  once and as many more wait for a place; past that a check is UNAVAILABLE (try again later), so
+  checks never tie up more than twice `max_code_checks` of the trainer's threads.
 
 The child's import path is the one a job process gets: the trainer's `PYTHONPATH`, absolute
 entries only and none inside the trainer's work directory (`import_roots`), plus the
@@ -25,6 +28,7 @@ interpreter's own site-packages.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -38,7 +42,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from splitstack.chassis.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from splitstack.chassis.errors import FailedPrecondition, InvalidArgument, Unavailable
 from splitstack_trainer.jobconfig import SUPERVISOR_ENV
 
 log = logging.getLogger(__name__)
@@ -99,7 +103,8 @@ class CodeChecker:
         self.timeout_seconds = timeout_seconds
         self.python = python
         self.path = path
-        self._slots = threading.BoundedSemaphore(max_concurrent)
+        self._slots = threading.BoundedSemaphore(max_concurrent)          # checks running
+        self._admitted = threading.BoundedSemaphore(2 * max_concurrent)   # running or waiting for a slot
         self._max_concurrent = max_concurrent
 
     @classmethod
@@ -125,14 +130,20 @@ class CodeChecker:
     def check_in_child(self, module: str, datamodule: str,
                        hyperparameters: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """Import both classes and bind `hyperparameters` in a child process: (module kwargs, datamodule kwargs)."""
-        if not self._slots.acquire(timeout=self.timeout_seconds):
-            raise ResourceExhausted(f"{self._max_concurrent} code checks are already running on this trainer "
-                                    "(SPLITSTACK_TRAINER_MAX_CODE_CHECKS); try again later")
+        busy = Unavailable(f"{self._max_concurrent} code checks are already running on this trainer and as many "
+                           "wait (SPLITSTACK_TRAINER_MAX_CODE_CHECKS); try again later")
+        if not self._admitted.acquire(blocking=False):
+            raise busy
         try:
-            with tempfile.TemporaryDirectory(prefix="splitstack-codecheck-") as scratch:
-                outcome = self._run_child(Path(scratch), module, datamodule, dict(hyperparameters))
+            if not self._slots.acquire(timeout=self.timeout_seconds):
+                raise busy
+            try:
+                with tempfile.TemporaryDirectory(prefix="splitstack-codecheck-") as scratch:
+                    outcome = self._run_child(Path(scratch), module, datamodule, dict(hyperparameters))
+            finally:
+                self._slots.release()
         finally:
-            self._slots.release()
+            self._admitted.release()
         if "error" in outcome:
             raise InvalidArgument(str(outcome["error"]))
         return dict(outcome["module_hparams"]), dict(outcome["datamodule_hparams"])
@@ -190,9 +201,12 @@ def _outcome(returncode: int | None, result: Path, output: Path, module: str, da
             return outcome
     except (OSError, ValueError):
         pass
-    how = (f"was killed by {signal.Signals(-returncode).name}" if returncode is not None and returncode < 0
-           else f"exited with status {returncode}")
     last = _last_line(output)
+    how = f"exited with status {returncode}"
+    if returncode is not None and returncode < 0:
+        how = f"was killed by signal {-returncode}"
+        with contextlib.suppress(ValueError):
+            how = f"was killed by {signal.Signals(-returncode).name}"
     return {"error": f"checking module {module!r} and datamodule {datamodule!r} failed: the checking process "
                      f"{how} without an answer" + (f": {last}" if last else "")}
 
