@@ -16,11 +16,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # serving_support, beside this file
 
-from registry_support import ModelRegistry, RegistryProcess, registry_client  # noqa: E402
+from registry_support import ModelRegistry, RegistryProcess, RestartableStack, registry_client  # noqa: E402
 from serving_support import Oracle, build_mlp, build_model_dir  # noqa: E402
 
 from inference import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
-from splitstack.chassis.testing.servers import NatsServer, start_nats  # noqa: E402
+from splitstack.chassis.testing.servers import NatsServer, free_port, start_nats  # noqa: E402
 from splitstack_serving.config import ServingSettings  # noqa: E402
 from splitstack_serving.main import ServingService, build_service  # noqa: E402
 
@@ -108,6 +108,18 @@ def registry_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registr
     yield RegistryStack(nats_server, registry)
     registry.stop()
     nats_server.stop()
+
+
+@pytest.fixture
+def restartable(tmp_path: Path) -> Iterator[RestartableStack]:
+    """NATS and a registry on fixed ports, for tests that restart them in place."""
+    stack = RestartableStack(tmp_path / "stack", free_port(), free_port())
+    try:
+        stack.start_nats()
+        stack.start_registry()
+        yield stack
+    finally:
+        stack.stop()
 
 
 @pytest.fixture

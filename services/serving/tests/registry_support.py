@@ -29,7 +29,7 @@ import nats
 import nats.js.errors
 import numpy as np
 
-from splitstack.chassis.testing.servers import find_binary
+from splitstack.chassis.testing.servers import NatsServer, find_binary, start_nats
 from splitstack.common.v1 import common_pb2 as common
 from splitstack.contracts.envelope import MSG_ID_HEADER, Event, unwrap
 from splitstack.registry.v1 import registry_pb2 as pb
@@ -185,3 +185,34 @@ async def wait_for_events(nats_url: str, subject: str, count: int, timeout: floa
             assert len(found) >= count, f"expected {count} event(s) on {subject}, got {[e.msg_id for e in found]}"
             return found
         await asyncio.sleep(0.1)
+
+
+@dataclass
+class RestartableStack:
+    """NATS and a registry on fixed ports (and their own state), so both can be restarted in place."""
+
+    root: Path
+    nats_port: int
+    registry_port: int
+    nats: NatsServer | None = None
+    registry: RegistryProcess | None = None
+
+    @property
+    def nats_url(self) -> str:
+        return f"nats://127.0.0.1:{self.nats_port}"
+
+    @property
+    def registry_address(self) -> str:
+        return f"127.0.0.1:{self.registry_port}"
+
+    def start_nats(self) -> None:
+        self.nats = start_nats(self.root / "nats", port=self.nats_port)
+
+    def start_registry(self) -> None:
+        self.registry = RegistryProcess.start(self.root / "registry", self.nats_url, port=self.registry_port)
+
+    def stop(self) -> None:
+        if self.registry is not None:
+            self.registry.stop()
+        if self.nats is not None:
+            self.nats.stop()

@@ -14,7 +14,6 @@ import grpc
 import pytest
 from registry_support import registry_client, sha256_of
 from serving_support import infer_request, rows
-from test_registry_reconnects import restartable  # noqa: F401 - a fixture
 
 from inference import grpc_service_pb2 as pb
 
@@ -70,7 +69,7 @@ async def test_the_alias_target_stays_loaded_and_the_cache_stays_bounded(registr
 
 
 async def test_registry_calls_ride_out_a_restart_and_a_registry_that_stays_away_is_unavailable(
-        restartable, follow, model_name, onnx_models) -> None:  # noqa: F811
+        restartable, follow, model_name, onnx_models) -> None:
     async with registry_client(restartable.registry_address) as registry:
         await registry.create_model(model_name)
         for seed in (1, 2, 3):

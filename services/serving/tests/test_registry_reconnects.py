@@ -5,56 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable
 
-import pytest
-from registry_support import RegistryProcess, registry_client, wait_for_events
-
-from splitstack.chassis.testing.servers import NatsServer, free_port, start_nats
-
-
-@dataclass
-class RestartableStack:
-    """NATS and a registry on fixed ports (and their own state), so both can be restarted in place."""
-
-    root: Path
-    nats_port: int
-    registry_port: int
-    nats: NatsServer | None = None
-    registry: RegistryProcess | None = None
-
-    @property
-    def nats_url(self) -> str:
-        return f"nats://127.0.0.1:{self.nats_port}"
-
-    @property
-    def registry_address(self) -> str:
-        return f"127.0.0.1:{self.registry_port}"
-
-    def start_nats(self) -> None:
-        self.nats = start_nats(self.root / "nats", port=self.nats_port)
-
-    def start_registry(self) -> None:
-        self.registry = RegistryProcess.start(self.root / "registry", self.nats_url, port=self.registry_port)
-
-    def stop(self) -> None:
-        if self.registry is not None:
-            self.registry.stop()
-        if self.nats is not None:
-            self.nats.stop()
-
-
-@pytest.fixture
-def restartable(tmp_path: Path) -> Iterator[RestartableStack]:
-    stack = RestartableStack(tmp_path / "stack", free_port(), free_port())
-    try:
-        stack.start_nats()
-        stack.start_registry()
-        yield stack
-    finally:
-        stack.stop()
+from registry_support import registry_client, wait_for_events
 
 
 async def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
