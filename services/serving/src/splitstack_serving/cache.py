@@ -110,6 +110,8 @@ class ArtifactCache:
         entries = []
         base = self.root / "sha256"
         for directory in base.iterdir() if base.is_dir() else ():
+            if not directory.is_dir() or not SHA256_RULE.match(directory.name):
+                continue  # not an artifact of this cache: left alone
             size, used = 0, 0.0
             for file in directory.iterdir():
                 try:
