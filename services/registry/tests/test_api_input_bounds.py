@@ -72,8 +72,10 @@ def _name_rpcs(api, w: dict) -> list[tuple[str, object]]:
             model=m + nl, version=v, target="cpu", artifact_sha256=w["onnx"]))),
         ("SetServingChoice target", s.SetServingChoice(pb.SetServingChoiceRequest(
             model=m, version=v, target="gpu" + nl, artifact_sha256=w["onnx"]))),
-        ("GetServingChoice model", s.GetServingChoice(pb.GetServingChoiceRequest(model=m + nl, version=v, target="cpu"))),
-        ("GetServingChoice target", s.GetServingChoice(pb.GetServingChoiceRequest(model=m, version=v, target="cpu\n"))),
+        ("GetServingChoice model",
+         s.GetServingChoice(pb.GetServingChoiceRequest(model=m + nl, version=v, target="cpu"))),
+        ("GetServingChoice target",
+         s.GetServingChoice(pb.GetServingChoiceRequest(model=m, version=v, target="cpu" + nl))),
         ("CreateDataset", api.create_dataset(d + nl)),
         ("GetDataset", s.GetDataset(pb.GetDatasetRequest(name=d + nl))),
         ("UploadDatasetVersion", api.upload_dataset(d + nl, api.sample_npz(3))),

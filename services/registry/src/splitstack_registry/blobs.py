@@ -37,7 +37,7 @@ from typing import Any, BinaryIO, Protocol
 
 from splitstack.chassis.errors import InvalidArgument, NotFound
 from splitstack.chassis.faults import crash_point
-from splitstack_registry.spool import SpoolDir, SpoolReservation, sweep_stale_spools
+from splitstack_registry.spool import SpoolDir, SpoolReservation
 
 log = logging.getLogger(__name__)
 

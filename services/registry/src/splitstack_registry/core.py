@@ -7,10 +7,13 @@ checked before any write, and a write transaction checks the stored state again 
 After a commit that added events, `crash_point("registry.after_commit")` is passed and the outbox
 relay is woken (`on_events`); a crash in between leaves the events pending for the next relay.
 
-The Registry checks what a request carries on its own (names, digests, enums, sizes) and runs the
-rest as one transaction whose body lives beside its kind of record: versions.py (models, versions,
-lineage), artifacts.py (artifacts, serving choices), datasets.py and aliases.py; promotion.py
-evaluates the promotion policy inside the transaction that completes a version.
+The Registry checks what a request carries on its own (names, digests, enums, sizes, and the
+bounds of every text, map and repeated field: validation.py) and runs the rest as one transaction
+whose body lives beside its kind of record: versions.py (models, versions, lineage), artifacts.py
+(artifacts, serving choices), datasets.py and aliases.py; promotion.py evaluates the promotion
+policy inside the transaction that completes a version. An upload stores its blob first, then
+writes the row referencing it with `write_referencing`, under the blob's lock that the orphan
+sweeper (sweeper.py) also takes, so a referenced blob is never swept.
 """
 
 from __future__ import annotations
