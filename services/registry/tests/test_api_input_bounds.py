@@ -198,3 +198,23 @@ async def test_fields_at_their_bounds_are_stored_whole(api, events) -> None:
     stored = await api.upload_dataset(dataset, api.sample_npz(3), key="k" * MAX_SHORT_TEXT,
                                       metadata={"note": "n" * MAX_METADATA_VALUE})
     assert stored.metadata["note"] == "n" * MAX_METADATA_VALUE
+
+
+async def test_a_request_whose_event_would_be_too_large_is_invalid_and_stores_nothing(api, events) -> None:
+    """Each field within its bound, but 4-byte characters everywhere: the model.converted event would pass
+    MAX_EVENT_BYTES, so the outbox refuses it and the whole transaction (the serving choice) with it."""
+    model = (await api.create_model(required_targets=["cpu"])).name
+    ready = await api.ready_version(model, onnx_target="cpu")
+    onnx = next(a for a in ready.artifacts if a.kind == common.ONNX)
+    wide = "\N{GRINNING FACE}" * MAX_LONG_TEXT                   # 4096 characters, 16 KiB in UTF-8
+    candidates = [pb.Candidate(format=common.ONNX_FP32, reason=wide, gate=common.GateResult(reason=wide))] * 8
+    request = pb.SetServingChoiceRequest(model=model, version=ready.version, target="cpu",
+                                         artifact_sha256=onnx.sha256, candidates=candidates, reason=wide)
+    await api.fails(api.stub.SetServingChoice(request), INVALID, "event", "bytes")
+    await api.fails(api.stub.GetServingChoice(pb.GetServingChoiceRequest(model=model, version=ready.version,
+                                                                         target="cpu")), grpc.StatusCode.NOT_FOUND)
+    assert api.state.outbox_subjects(f"model.converted.{model}") == []
+    assert not (await api.get_version(model, ready.version)).HasField("promotion"), "the version was decided"
+    del request.candidates[:]
+    assert (await api.stub.SetServingChoice(request)).artifact.sha256 == onnx.sha256
+    assert len(await events.exactly(f"model.converted.{model}.cpu", 1)) == 1
