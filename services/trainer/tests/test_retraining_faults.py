@@ -7,13 +7,16 @@ whenever the trainer or the registry is killed (kill -9) on the way.
   the job lists the attempts with their reasons.
 - The registry killed after it committed the job's FinalizeVersion but before answering, and
   restarted a while later: the job rides the outage out (its registry calls retry with back-off)
-  and the repeated call finds the version already READY.
+  and the repeated call finds the version already READY; with a retry budget shorter than the
+  outage, the job's attempt gives up as transient (exit 75) and its next attempt registers —
+  CreateVersion with the same key returns the READY version, no second one.
 """
 
 from __future__ import annotations
 
 import asyncio
 
+import pytest
 from trainer_support import RPC_TIMEOUT_SECONDS, digits_npz, name, retrain_policy, start_registry
 
 from splitstack.trainer.v1 import trainer_pb2 as pb
@@ -79,10 +82,15 @@ async def test_trainer_killed_at_each_moment_of_a_retraining_gives_one_version(f
         assert [j.id for j in await api.trainer.jobs(model=model)] == [job.id]
 
 
-async def test_registry_killed_while_the_job_registers_gives_one_version(fresh_stack) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("budget, attempts", [
+    ("120", 1),   # the job's registry calls ride the outage out within its attempt
+    ("5", 2),     # the job gives up (exit 75: transient); its second attempt registers
+])
+async def test_registry_killed_while_the_job_registers_gives_one_version(fresh_stack, budget: str,  # noqa: ANN001
+                                                                         attempts: int) -> None:
     dataset, model = name("data"), name("retrained")
     trainers = fresh_stack.trainers
-    trainers.start()
+    trainers.start(SPLITSTACK_TRAINER_PEER_RETRY_SECONDS=budget)
     async with fresh_stack.clients() as api:
         await api.registry.dataset(dataset, [])
         await api.trainer.set_policy(retrain_policy(name("policy"), model, dataset))
@@ -99,15 +107,21 @@ async def test_registry_killed_while_the_job_registers_gives_one_version(fresh_s
             job = await api.trainer.only_job(model)
             await until_dead(armed)
             assert armed.crashed_at(REGISTRY_AFTER_COMMIT)
-            rank_log = trainers.root / "work" / "jobs" / job.id / "rank-0.log"
-            await until_logged(rank_log, "registry FinalizeVersion failed")   # the job retries meanwhile
+            await until_logged(trainers.root / "work" / "jobs" / job.id / "rank-0.log",
+                               "registry FinalizeVersion failed")   # the job retries meanwhile
+            if attempts > 1:   # restart the registry only once the first attempt gave up
+                await api.trainer.wait(job.id, states=[pb.QUEUED, pb.RUNNING],
+                                       check=lambda j: len(j.attempt_history) > 1)
             fresh_stack.registry = start_registry(registry_root, fresh_stack.nats.url, port=port,
                                                   process_name="registry-again")
             done = await api.trainer.wait(job.id)
             assert done.state == pb.SUCCEEDED and done.model_version == 1, done
-            assert done.attempts == 1 and len(done.attempt_history) == 1 and not done.attempt_history[0].error, done
+            assert done.attempts == attempts and not done.attempt_history[-1].error, done
+            for earlier in done.attempt_history[:-1]:
+                assert earlier.transient and earlier.retried and "status 75" in earlier.error, earlier
+                assert "UNAVAILABLE" in earlier.error, earlier
             await one_version_of(api, model, version)
             reply = await api.trainer.stub.ListJobs(pb.ListJobsRequest(model=model), timeout=RPC_TIMEOUT_SECONDS)
-            assert [(j.id, j.attempts) for j in reply.jobs] == [(job.id, 1)]
+            assert [(j.id, len(j.attempt_history)) for j in reply.jobs] == [(job.id, attempts)]
     finally:
         fresh_stack.registry.stop()   # the stack stops only the registry it started
