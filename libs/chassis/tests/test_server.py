@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from splitstack.chassis import errors
 from splitstack.chassis.config import ChassisSettings
-from splitstack.chassis.server import ServiceRuntime
+from splitstack.chassis.server import ServiceRuntime, guard_handler
 from splitstack.chassis.testing.probe import PROBE_SERVICE, build_runtime, error_named
 
 KINDS_SERVICE = "splitstack.testing.Kinds"
@@ -168,6 +168,43 @@ async def test_errors_map_to_status_for_every_handler_kind(channel: grpc.aio.Cha
             assert caught.value.details() == "internal error (RuntimeError); see server log"
         else:
             assert caught.value.details() == f"probe raised {name}"
+
+
+async def _typed_echo(request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> bytes:
+    return request.service.encode()
+
+
+async def _typed_count(requests: AsyncIterator[health_pb2.HealthCheckRequest],
+                       context: grpc.aio.ServicerContext) -> bytes:
+    return str(len([r async for r in requests])).encode()
+
+
+@pytest.mark.parametrize("payload", [b"\xff\xff\xff", b"\x0a\x02\xc3\x28", b"\x0a\x05ab"],
+                         ids=["wire-garbage", "invalid-utf8", "truncated"])
+async def test_a_request_that_does_not_parse_is_invalid_argument_not_unknown(payload: bytes) -> None:
+    """grpc.aio alone answers UNKNOWN ("Unexpected DecodeError") to bytes that are not the request message."""
+    parse = health_pb2.HealthCheckRequest.FromString
+    handlers = {"Unary": guard_handler(grpc.unary_unary_rpc_method_handler(_typed_echo, request_deserializer=parse),
+                                       "/test.Typed/Unary"),
+                "Stream": guard_handler(grpc.stream_unary_rpc_method_handler(_typed_count, request_deserializer=parse),
+                                        "/test.Typed/Stream")}
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Typed", handlers),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    good = health_pb2.HealthCheckRequest(service="ok").SerializeToString()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as client:
+            assert await client.unary_unary("/test.Typed/Unary")(good, timeout=10) == b"ok"
+            assert await client.stream_unary("/test.Typed/Stream")(iter([good, good]), timeout=10) == b"2"
+            for call in (client.unary_unary("/test.Typed/Unary")(payload, timeout=10),
+                         client.stream_unary("/test.Typed/Stream")(iter([good, payload]), timeout=10)):
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await call
+                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "is not a valid" in caught.value.details() and "request message" in caught.value.details()
+    finally:
+        await server.stop(None)
 
 
 async def test_a_peer_services_error_reaches_the_caller_unchanged(runtime: ServiceRuntime) -> None:
@@ -418,3 +455,36 @@ async def test_probe_with_unknown_setting_exits_2_naming_it(tmp_path: Path) -> N
     rc = await asyncio.to_thread(proc.wait, 30)
     assert rc == 2
     assert "SPLITSTACK_PROBE_GRPC_PROT" in log_path.read_text()
+
+
+async def test_one_connection_holds_at_most_max_concurrent_streams(tmp_path: Path) -> None:
+    """A client cannot open unbounded concurrent RPCs on one connection: past the bound the next
+    call waits (HTTP/2 flow control) until one ends, and then it is served."""
+    entered: list[int] = []
+    release = asyncio.Event()
+
+    async def hold(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        entered.append(len(entered))
+        await release.wait()
+        return b"done"
+
+    settings = ChassisSettings(ready_file=str(tmp_path / "probe.json"), max_concurrent_streams=2)
+    runtime = build_runtime(settings)
+    runtime.add_generic_handler(grpc.method_handlers_generic_handler(
+        "splitstack.testing.Hold", {"Hold": grpc.unary_unary_rpc_method_handler(hold)}), "splitstack.testing.Hold")
+    await runtime.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{runtime.port}") as channel:
+            call = channel.unary_unary("/splitstack.testing.Hold/Hold")
+            calls = [asyncio.ensure_future(call(b"", timeout=60)) for _ in range(3)]
+            deadline = time.monotonic() + 30
+            while len(entered) < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert len(entered) == 2
+            await asyncio.sleep(0.5)          # the third stays queued on the client's side
+            assert len(entered) == 2
+            release.set()
+            assert await asyncio.gather(*calls) == [b"done"] * 3
+            assert len(entered) == 3
+    finally:
+        await runtime.stop()

@@ -53,6 +53,9 @@ class ChassisSettings:
     shutdown_grace_seconds: float = 10.0
     log_level: str = "INFO"
     max_message_bytes: int = 64 * 1024 * 1024
+    # Concurrent RPCs (HTTP/2 streams) one client connection may hold open; with a per-stream
+    # window (serving's ModelStreamInfer) this bounds what one connection can make a server buffer.
+    max_concurrent_streams: int = 256
     # Server TLS: cert + key turn TLS on; a client CA on top requires client certificates (mTLS).
     tls_cert_file: str = ""
     tls_key_file: str = ""

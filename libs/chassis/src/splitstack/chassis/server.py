@@ -16,7 +16,9 @@ A service with work to do before it can serve (e.g. models to load and warm) cal
 `defer_readiness()` before starting and `mark_ready()` once it is done: until then the whole
 server's health is NOT_SERVING and no ready file exists.
 Every RPC passes one interceptor that maps domain errors to statuses (errors.py), turns any
-other exception into INTERNAL with the traceback logged, and records metrics (metrics.py).
+other exception into INTERNAL with the traceback logged, and records metrics (metrics.py). A request
+whose bytes do not parse as its message (bad wire format, invalid UTF-8 in a string, nesting past
+protobuf's recursion limit) gets INVALID_ARGUMENT naming the message, not gRPC's UNKNOWN.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from grpc_reflection.v1alpha import reflection
 
 from splitstack.chassis import logs, tls
 from splitstack.chassis.config import ChassisSettings, ConfigError
+from splitstack.chassis.decoding import decoded, tolerant
 from splitstack.chassis.errors import status_for
 from splitstack.chassis.metrics import MetricsEndpoint, MethodMetrics, start_metrics_server
 
@@ -66,14 +69,14 @@ def _status_and_message(exc: Exception, method: str) -> tuple[grpc.StatusCode, s
     return code, str(exc)
 
 
-def _guard_coroutine(behavior: Behavior, observer: MethodMetrics, method: str) -> Behavior:
+def _guard_coroutine(behavior: Behavior, observer: MethodMetrics, method: str, streaming: bool) -> Behavior:
     """Wrap a coroutine handler (unary response, or streaming through context.write)."""
 
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
         started = time.perf_counter()
         code = _CANCELLED
         try:
-            response = await behavior(request, context)
+            response = await behavior(decoded(request, streaming), context)
             code = _code_name(context.code())
             return response
         except grpc.aio.AbortError:
@@ -89,14 +92,14 @@ def _guard_coroutine(behavior: Behavior, observer: MethodMetrics, method: str) -
     return guarded
 
 
-def _guard_async_generator(behavior: Behavior, observer: MethodMetrics, method: str) -> Behavior:
+def _guard_async_generator(behavior: Behavior, observer: MethodMetrics, method: str, streaming: bool) -> Behavior:
     """Wrap an async-generator handler (streaming response)."""
 
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
         started = time.perf_counter()
         code = _CANCELLED
         try:
-            async for response in behavior(request, context):
+            async for response in behavior(decoded(request, streaming), context):
                 yield response
             code = _code_name(context.code())
         except grpc.aio.AbortError:
@@ -112,11 +115,11 @@ def _guard_async_generator(behavior: Behavior, observer: MethodMetrics, method: 
     return guarded
 
 
-def _guard(behavior: Behavior, observer: MethodMetrics, method: str) -> Behavior:
+def _guard(behavior: Behavior, observer: MethodMetrics, method: str, streaming: bool) -> Behavior:
     if inspect.isasyncgenfunction(behavior):
-        return _guard_async_generator(behavior, observer, method)
+        return _guard_async_generator(behavior, observer, method, streaming)
     if inspect.iscoroutinefunction(behavior):
-        return _guard_coroutine(behavior, observer, method)
+        return _guard_coroutine(behavior, observer, method, streaming)
     log.warning("%s has a synchronous handler: no error mapping or metrics for it", method)
     return behavior
 
@@ -128,17 +131,22 @@ def _split_method(full_method: str) -> tuple[str, str]:
 
 
 def guard_handler(handler: grpc.RpcMethodHandler, full_method: str) -> grpc.RpcMethodHandler:
-    """`handler` with error mapping and metrics around whichever of the four kinds it is."""
+    """`handler` with error mapping and metrics around whichever of the four kinds it is (and, for an
+    async one, an undecodable request refused with INVALID_ARGUMENT: see decoding.py)."""
     observer = MethodMetrics(*_split_method(full_method))
-    serdes = {"request_deserializer": handler.request_deserializer,
-              "response_serializer": handler.response_serializer}
+    behavior = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+    guarded = inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)
+    serdes = {"request_deserializer": tolerant(handler.request_deserializer, full_method) if guarded
+              else handler.request_deserializer, "response_serializer": handler.response_serializer}
+    streaming = bool(handler.request_streaming)
+    wrapped = _guard(behavior, observer, full_method, streaming)
     if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(_guard(handler.unary_unary, observer, full_method), **serdes)
+        return grpc.unary_unary_rpc_method_handler(wrapped, **serdes)
     if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(_guard(handler.unary_stream, observer, full_method), **serdes)
+        return grpc.unary_stream_rpc_method_handler(wrapped, **serdes)
     if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(_guard(handler.stream_unary, observer, full_method), **serdes)
-    return grpc.stream_stream_rpc_method_handler(_guard(handler.stream_stream, observer, full_method), **serdes)
+        return grpc.stream_unary_rpc_method_handler(wrapped, **serdes)
+    return grpc.stream_stream_rpc_method_handler(wrapped, **serdes)
 
 
 class RpcInterceptor(grpc.aio.ServerInterceptor):
@@ -291,7 +299,7 @@ class ServiceRuntime:
         size = self.settings.max_message_bytes
         # so_reuseport=0: a second server on a taken port fails instead of silently sharing it.
         return [("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size),
-                ("grpc.so_reuseport", 0)]
+                ("grpc.max_concurrent_streams", self.settings.max_concurrent_streams), ("grpc.so_reuseport", 0)]
 
     def _bind(self, server: grpc.aio.Server) -> int:
         host = self.settings.grpc_host
