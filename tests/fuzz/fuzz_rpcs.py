@@ -5,13 +5,14 @@
 descriptors, so a new RPC is fuzzed without touching this file. `call(channel, rpc, request)` invokes any of
 them (unary or streaming either way) on a plain channel and returns the status code it ended with.
 
-`requests(rpc, seeds)` is what the fuzzer sends: half generic hostile messages of the request type
-(`fuzz_messages.messages`), half "near-valid" ones built from the real names, versions, digests and job ids
-that exist in the running stack (`Seeds`), so the input gets past the first name check and reaches deeper
-code, with one field replaced by a hostile value. Client-streaming RPCs (the uploads) get sequences of
-messages: a well-formed header + chunks (right or wrong digest and size), chunks before the header, two
+`requests(rpc, seeds)` is what the fuzzer sends: generic hostile messages of the request type
+(`fuzz_messages.messages`); "near-valid" ones built from the real names, versions, digests and job ids that
+exist in the running stack (`Seeds`), so the input gets past the first name check and reaches deeper code,
+sometimes with one field replaced by a hostile value; and bytes that are not the request message at all
+(wire garbage, invalid UTF-8, nesting past protobuf's recursion limit). Client-streaming RPCs (the uploads)
+get sequences: a well-formed header + chunks (right or wrong digest and size), chunks before the header, two
 headers, a header alone, nothing at all, and generic sequences. ModelStreamInfer gets sequences of infer
-requests.
+requests, and its in-stream `error_message`s are checked like statuses.
 """
 
 from __future__ import annotations
@@ -96,8 +97,19 @@ class Outcome:
     responses: list[Message] = field(default_factory=list)
 
     @property
+    def in_band_errors(self) -> list[str]:
+        """ModelStreamInfer's per-request errors (the stream itself ends OK)."""
+        return [r.error_message for r in self.responses if getattr(r, "error_message", "")]
+
+    @property
+    def status(self) -> str:
+        """The status code's name, `+error_message` when a stream answered a request with an error."""
+        return self.code.name + ("+error_message" if self.in_band_errors else "")
+
+    @property
     def forbidden(self) -> bool:
-        return self.code in FORBIDDEN
+        """INTERNAL/UNKNOWN, or a streamed answer saying the server failed internally."""
+        return self.code in FORBIDDEN or any(e.startswith("internal error") for e in self.in_band_errors)
 
 
 def call(channel: grpc.Channel, rpc: Rpc, request: Message | Sequence[Message]) -> Outcome:
@@ -106,7 +118,7 @@ def call(channel: grpc.Channel, rpc: Rpc, request: Message | Sequence[Message]) 
     kinds = {(False, False): channel.unary_unary, (False, True): channel.unary_stream,
              (True, False): channel.stream_unary, (True, True): channel.stream_stream}
     stub = kinds[(rpc.client_streaming, rpc.server_streaming)](
-        rpc.path, request_serializer=lambda m: m.SerializeToString(), response_deserializer=response_class.FromString)
+        rpc.path, request_serializer=_wire, response_deserializer=response_class.FromString)
     argument = iter(list(request)) if rpc.client_streaming else request
     timeout = WATCH_SECONDS if rpc.watch else RPC_SECONDS
     responses: list[Message] = []
@@ -119,6 +131,10 @@ def call(channel: grpc.Channel, rpc: Rpc, request: Message | Sequence[Message]) 
     except grpc.RpcError as exc:
         return Outcome(exc.code(), exc.details() or "", responses)
     return Outcome(grpc.StatusCode.OK, "", responses)
+
+
+def _wire(request: Message | bytes) -> bytes:
+    return request if isinstance(request, bytes) else request.SerializeToString()
 
 
 def acceptable(rpc: Rpc, outcome: Outcome) -> bool:
@@ -154,7 +170,8 @@ class Seeds:
 
 
 def _pick(values: Sequence, near: Callable[[], st.SearchStrategy] | None = None) -> st.SearchStrategy:
-    options = [st.sampled_from(list(values))] if values else []
+    """A real value three times in four, else a near miss."""
+    options = [st.sampled_from(list(values))] * 3 if values else []
     if near is not None:
         options.append(near())
     return st.one_of(options) if options else st.just("")
@@ -168,13 +185,15 @@ def digest_variants(shas: Sequence[str]) -> st.SearchStrategy[str]:
                      st.just(""), st.just("0" * 128))
 
 
-def string_seeds(seeds: Seeds) -> dict[str, st.SearchStrategy]:
-    """Near-valid values of string fields, by field name (whatever message they are in)."""
-    models = seeds.models + ([seeds.served] if seeds.served else [])
+def string_seeds(seeds: Seeds, service: str = "") -> dict[str, st.SearchStrategy]:
+    """Near-valid values of string fields, by field name (whatever message they are in); on serving, names
+    are the served model's."""
+    models = [seeds.served] if service == "serving" else seeds.models + ([seeds.served] if seeds.served else [])
     model = _pick(models, lambda: near_miss_names(models))
+    names = models if service == "serving" else seeds.names + models
     return {
         "model": model, "model_name": model, "dataset": _pick(seeds.datasets, lambda: near_miss_names(seeds.datasets)),
-        "name": _pick(seeds.names + models, lambda: near_miss_names(seeds.names)),
+        "name": _pick(names, lambda: near_miss_names(names)),
         "alias": _pick(seeds.aliases, lambda: near_miss_names(seeds.aliases)),
         "target": _pick(seeds.targets, lambda: near_miss_names(seeds.targets)),
         "sha256": digest_variants(seeds.shas), "artifact_sha256": digest_variants(seeds.shas),
@@ -206,45 +225,45 @@ def int_seeds(seeds: Seeds) -> dict[str, st.SearchStrategy]:
 
 
 @st.composite
-def seeded(draw: st.DrawFn, descriptor: Descriptor, seeds: Seeds, depth: int = 0) -> Message:
-    """A message whose name-like fields (at any depth <= 2) hold real names or near misses, and nothing else."""
+def seeded(draw: st.DrawFn, descriptor: Descriptor, seeds: Seeds, depth: int = 0, service: str = "") -> Message:
+    """A message whose name-like fields (at any depth <= 2) hold real names (or near misses), and nothing else."""
     msg = message_class(descriptor)()
-    strings, ints = string_seeds(seeds), int_seeds(seeds)
+    strings, ints = string_seeds(seeds, service), int_seeds(seeds)
     for fd in descriptor.fields:
         if fd.containing_oneof is not None and draw(st.booleans()):
             continue
-        _seed_field(draw, msg, fd, seeds, strings, ints, depth)
+        _seed_field(draw, msg, fd, seeds, strings, ints, depth, service)
     return msg
 
 
 def _seed_field(draw: st.DrawFn, msg: Message, fd: FieldDescriptor, seeds: Seeds, strings: dict,
-                ints: dict, depth: int) -> None:
+                ints: dict, depth: int, service: str) -> None:
     repeated = is_repeated(fd)
     if fd.type == FieldDescriptor.TYPE_STRING and not repeated:
         key = "version_str" if fd.name == "version" else fd.name
-        if key in strings and draw(st.integers(0, 4)) > 0:
+        if key in strings:
             setattr(msg, fd.name, draw(strings[key]))
     elif fd.type == FieldDescriptor.TYPE_STRING and fd.name in ("required_targets", "versions"):
         getattr(msg, fd.name).extend(draw(st.lists(strings["target"], max_size=3)))
     elif fd.type in (FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_INT32) and not repeated:
-        if fd.name in ints and draw(st.integers(0, 4)) > 0:
+        if fd.name in ints:
             value = draw(ints[fd.name])
             low, high = (-(2**31), 2**31 - 1) if fd.type == FieldDescriptor.TYPE_INT32 else (-(2**63), 2**63 - 1)
             setattr(msg, fd.name, max(low, min(high, value)))
     elif fd.type == FieldDescriptor.TYPE_MESSAGE and not repeated and depth < 2 and _worth_seeding(fd.message_type):
         if draw(st.integers(0, 3)) > 0:
-            getattr(msg, fd.name).CopyFrom(draw(seeded(fd.message_type, seeds, depth + 1)))
+            getattr(msg, fd.name).CopyFrom(draw(seeded(fd.message_type, seeds, depth + 1, service)))
 
 
 def _worth_seeding(descriptor: Descriptor) -> bool:
     return descriptor.full_name.startswith("splitstack.")
 
 
-def near_valid(descriptor: Descriptor, seeds: Seeds, base: st.SearchStrategy[Message] | None = None) \
-        -> st.SearchStrategy[Message]:
+def near_valid(descriptor: Descriptor, seeds: Seeds, base: st.SearchStrategy[Message] | None = None,
+               service: str = "") -> st.SearchStrategy[Message]:
     """A seeded (or templated) message, as is or with one field replaced by a hostile value."""
-    start = base if base is not None else seeded(descriptor, seeds)
-    return st.one_of(start, start.flatmap(lambda m: mutated(m, seeds.names)))
+    start = base if base is not None else seeded(descriptor, seeds, 0, service)
+    return st.one_of(start, start, start.flatmap(lambda m: mutated(m, seeds.names)))
 
 
 # ---- templates: valid requests the mutations start from ------------------------------------------------
@@ -374,6 +393,13 @@ def templates(seeds: Seeds) -> dict[str, st.SearchStrategy[Message]]:
         "registry.SetServingChoice": st.builds(lambda m, v, s: rpb.SetServingChoiceRequest(
             model=m, version=v, target="t4-int8", artifact_sha256=s, reason="fuzz"),
             model, st.sampled_from(seeds.versions or [1]), digest_variants(seeds.shas)),
+        "registry.SetPromotionPolicy": st.builds(lambda m, mode, metric: rpb.SetPromotionPolicyRequest(
+            model=m, actor="fuzz", policy=rpb.PromotionPolicy(mode=mode, metric=metric, direction=common.MAXIMIZE)),
+            model, st.sampled_from([rpb.PromotionPolicy.MANUAL, rpb.PromotionPolicy.AUTO]),
+            st.sampled_from(["accuracy", "loss"])),
+        "converter.RequestConversion": st.builds(lambda m, v, t: cpb.RequestConversionRequest(
+            model=m, version=v, target=t, requested_by="fuzz"), model, st.sampled_from(seeds.versions or [1]),
+            st.sampled_from(seeds.targets)),
         "trainer.SubmitJob": spec.map(lambda s: tpb.SubmitJobRequest(spec=s)),
         "trainer.SetRetrainPolicy": st.builds(lambda name, s, enabled: tpb.SetRetrainPolicyRequest(policy=tpb.RetrainPolicy(
             name=name, model=s.model, dataset=s.dataset, template=s, debounce_seconds=3600, enabled=enabled,
@@ -381,6 +407,37 @@ def templates(seeds: Seeds) -> dict[str, st.SearchStrategy[Message]]:
         "serving.ModelInfer": infer_request(seeds),
         "serving.RepositoryModelLoad": load_request(seeds),
     }
+
+
+# ---- bytes that are not the request message ------------------------------------------------------------
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def nested(depth: int) -> bytes:
+    """Field 1 holding field 1 holding ... `depth` times: past protobuf's recursion limit (100) it cannot
+    parse, whatever the message (a string field 1 makes it invalid UTF-8 sooner)."""
+    data = b"\xc3\x28"
+    for _ in range(depth):
+        data = _field(1, data)
+    return data
+
+
+def raw_payloads() -> st.SearchStrategy[bytes]:
+    """Request bodies that do not parse: wire garbage, truncation, invalid UTF-8, nesting 150 / 5000 deep."""
+    return st.one_of(st.binary(min_size=1, max_size=64),
+                     st.sampled_from([b"\xff\xff\xff", b"\x0a\x05ab", b"\x0a\x02\xc3\x28", b"\x12\x02\xc3\x28",
+                                      b"\x08\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x01", nested(150), nested(5000)]))
 
 
 # ---- streams ------------------------------------------------------------------------------------------
@@ -400,8 +457,8 @@ def upload_sequences(draw: st.DrawFn, request_type: type[Message], header: st.Se
         head.size_bytes = len(content)
     chunks = [request_type(chunk=c) for c in _chunks(content, draw(st.sampled_from([1 << 20, 7, 65536])))]
     first = request_type(header=head)
-    shape = draw(st.sampled_from(["ok", "chunks-first", "two-headers", "header-only", "empty", "chunk-only",
-                                  "header-last", "empty-chunks"]))
+    shape = draw(st.sampled_from(["ok", "ok", "ok", "ok", "chunks-first", "two-headers", "header-only", "empty",
+                                  "chunk-only", "header-last", "empty-chunks"]))
     return {"ok": [first, *chunks], "chunks-first": [*chunks, first], "two-headers": [first, first, *chunks],
             "header-only": [first], "empty": [], "chunk-only": chunks, "header-last": [*chunks[:1], first],
             "empty-chunks": [first, *[request_type(chunk=b"")] * 3, *chunks]}[shape]
@@ -432,11 +489,13 @@ def dataset_contents() -> st.SearchStrategy[bytes]:
 def stream_requests(rpc: Rpc, seeds: Seeds) -> st.SearchStrategy[list[Message]]:
     """Message sequences for a client-streaming RPC."""
     request_type = message_class(rpc.request_type)
-    generic = st.lists(messages(rpc.request_type, seeds.names, big=False), max_size=4)
+    generic = st.lists(st.one_of(messages(rpc.request_type, seeds.names, big=False), raw_payloads()), max_size=4)
     if rpc.name == "registry.UploadArtifact":
-        return st.one_of(generic, upload_sequences(request_type, artifact_header(seeds), nasty_bytes()))
+        uploads = upload_sequences(request_type, artifact_header(seeds), nasty_bytes())
+        return st.one_of(generic, uploads, uploads)
     if rpc.name == "registry.UploadDatasetVersion":
-        return st.one_of(generic, upload_sequences(request_type, dataset_header(seeds), dataset_contents()))
+        uploads = upload_sequences(request_type, dataset_header(seeds), dataset_contents())
+        return st.one_of(generic, uploads, uploads)
     if rpc.name == "serving.ModelStreamInfer":
         one = st.one_of(infer_request(seeds), hostile_infer(seeds), messages(rpc.request_type, seeds.names, big=False))
         return st.one_of(generic, st.lists(one, max_size=5))
@@ -444,12 +503,14 @@ def stream_requests(rpc: Rpc, seeds: Seeds) -> st.SearchStrategy[list[Message]]:
 
 
 def requests(rpc: Rpc, seeds: Seeds) -> st.SearchStrategy:
-    """What the fuzzer sends to `rpc`: generic hostile messages and near-valid ones (sequences for streams)."""
+    """What the fuzzer sends to `rpc`: generic hostile messages, near-valid ones, and bytes that are not the
+    request message at all (sequences of these for client-streaming RPCs)."""
     if rpc.client_streaming:
         return stream_requests(rpc, seeds)
     generic = messages(rpc.request_type, seeds.names)
     template = templates(seeds).get(rpc.name)
-    options = [generic, near_valid(rpc.request_type, seeds, template)]
+    near = near_valid(rpc.request_type, seeds, template, rpc.service)
+    options = [generic, near, near, raw_payloads()]
     if rpc.name == "serving.ModelInfer":
         options.append(hostile_infer(seeds))
     return st.one_of(options)
@@ -463,7 +524,9 @@ def describe(request: Message | Sequence[Message], limit: int = 600) -> str:
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
 
 
-def _short(msg: Message) -> str:
+def _short(msg: Message | bytes) -> str:
+    if isinstance(msg, bytes):
+        return f"bytes({msg[:40]!r}{'...' if len(msg) > 40 else ''}, {len(msg)} bytes)"
     copy = type(msg)()
     copy.CopyFrom(msg)
     _abbreviate(copy)

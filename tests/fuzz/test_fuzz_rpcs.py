@@ -54,11 +54,12 @@ def fuzz_rpc(stack: FuzzStack, rpc: Rpc, log: FuzzLog) -> Finding | None:
     @given(requests(rpc, stack.seeds))
     def no_bad_status(request: object) -> None:
         outcome = call(channel, rpc, request)
-        log.record(rpc.name, outcome.code.name)
+        log.record(rpc.name, outcome.status)
         if process.proc.poll() is not None:
             raise BadOutcome(f"the {rpc.service} process died (exit {process.proc.returncode})", request)
         if not acceptable(rpc, outcome):
-            raise BadOutcome(f"{outcome.code.name}: {outcome.details[:300]}", request)
+            detail = outcome.details or "; ".join(outcome.in_band_errors)
+            raise BadOutcome(f"{outcome.status}: {detail[:300]}", request)
         after_call(stack, rpc, request, outcome)
 
     try:
