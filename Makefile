@@ -1,5 +1,5 @@
 # splitstack: every target that runs code first runs the idempotent set-up step (tools/setup.sh).
-.PHONY: setup proto proto-check proto-snapshot up down status demo test bench deploy-check pants clean
+.PHONY: setup proto proto-check proto-snapshot up down status demo test fuzz bench deploy-check pants clean
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -38,6 +38,12 @@ demo: setup
 ## Every test: contracts compatibility, deploy manifests and images, libs, services, cross-service.
 test: setup proto-check deploy-check
 	@$(PY) -m pytest $(PYTEST_ARGS)
+
+## Property-based fuzzing of every RPC and event consumer against a real stack, longer than the bounded run of
+## `make test` (FUZZ_EXAMPLES inputs per RPC, default 500); writes docs/fuzz.md (cases, statuses, findings).
+FUZZ_EXAMPLES ?= 500
+fuzz: setup
+	@SPLITSTACK_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) SPLITSTACK_FUZZ_REPORT=docs/fuzz.md $(PY) -m pytest tests/fuzz -q $(PYTEST_ARGS)
 
 ## deploy/k8s: render every overlay, validate it strictly offline, check it against the services' configs
 ## and the contracts, lint the Dockerfiles (see deploy/k8s/README.md).
