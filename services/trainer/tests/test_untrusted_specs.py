@@ -128,6 +128,16 @@ def write_user_code(code_dir: Path, markers: Path) -> None:
         path.write_text(textwrap.dedent(text).replace("{markers!r}", repr(str(markers))))
 
 
+def marked(markers: Path, tag: str) -> dict[int, str]:
+    """pid -> working directory of every process that imported the code tagged `tag`."""
+    found = {}
+    for path in markers.glob(f"{tag}-*"):
+        prefix, _, pid = path.name.rpartition("-")
+        if prefix == tag and pid.isdigit():
+            found[int(pid)] = path.read_text()
+    return found
+
+
 class CodeStack:
     """NATS, a registry and one trainer that allows `acme_models`, with user code on its PYTHONPATH."""
 
@@ -149,9 +159,7 @@ class CodeStack:
         return self.trainers.root / "work" / "jobs"
 
     def marked(self, tag: str) -> dict[int, str]:
-        """pid -> working directory of every process that imported the code tagged `tag`."""
-        return {int(p.name.rsplit("-", 1)[1]): p.read_text() for p in self.markers.glob(f"{tag}-*")
-                if p.name.rsplit("-", 1)[1].isdigit() and p.name.rsplit("-", 1)[0] == tag}
+        return marked(self.markers, tag)
 
     def log_files(self) -> list[tuple[str, Path]]:
         return [("registry", self.registry.log_path), *self.trainers.log_files()]
@@ -359,30 +367,40 @@ async def test_allowed_code_is_checked_in_a_child_process_never_in_the_trainer(c
                if "jobs" not in Path(cwd).parts), importers
 
 
+HANG_TIMEOUT_SECONDS = 20.0   # a trainer of its own: the hanging module is imported before torch loads
+
+
 @pytest.mark.timeout(600)
-async def test_a_hanging_import_is_killed_and_the_trainer_keeps_serving(code_stack, api, dataset) -> None:  # noqa: ANN001
+async def test_a_hanging_import_is_killed_and_the_trainer_keeps_serving(fresh_stack, tmp_path) -> None:  # noqa: ANN001
+    markers = tmp_path / "markers"
+    write_user_code(tmp_path / "code", markers)
+    dataset_name, _ = await fresh_stack.upload_digits()
+    trainer = fresh_stack.trainers.start(PYTHONPATH=str(tmp_path / "code"), **{
+        KNOB: "acme_models", "SPLITSTACK_TRAINER_CODE_CHECK_TIMEOUT_SECONDS": str(HANG_TIMEOUT_SECONDS)})
     model = name("hang")
-    started = time.monotonic()
-    hanging = asyncio.ensure_future(checked_submit(api, user_spec(model, dataset, "acme_models.hang:Net")))
-    # While the child hangs, the trainer answers other calls.
-    deadline = time.monotonic() + CHECK_TIMEOUT_SECONDS
-    while not code_stack.marked("hang") and time.monotonic() < deadline:
-        await asyncio.sleep(0.2)
-    assert code_stack.marked("hang"), "the hanging module was never imported by a checking child"
-    quick = time.monotonic()
-    profiles = await api.stub.ListProfiles(pb.ListProfilesRequest(), timeout=10)
-    assert profiles.profiles and time.monotonic() - quick < 10
-    assert not hanging.done()
-    await api.fails(hanging, PRECONDITION, "acme_models.hang", "did not finish within", "CODE_CHECK_TIMEOUT_SECONDS")
-    assert time.monotonic() - started < CHECK_TIMEOUT_SECONDS + 30
-    for pid in code_stack.marked("hang"):
-        assert not Path(f"/proc/{pid}").exists() or ") Z " in Path(f"/proc/{pid}/stat").read_text(), \
-            f"the hanging checker {pid} was left running"
-    assert code_stack.trainer.proc.poll() is None
-    job = await api.submit(spec(name("after-hang"), dataset))     # built-in recipe: still accepted
-    assert (await api.get(job.id)).state in (pb.QUEUED, pb.RUNNING, pb.SUCCEEDED)
-    await api.cancel(job.id, "only acceptance mattered")
-    assert await api.jobs(model=model) == []
+    async with fresh_stack.clients() as clients:
+        api = clients.trainer
+        started = time.monotonic()
+        hanging = asyncio.ensure_future(checked_submit(api, user_spec(model, dataset_name, "acme_models.hang:Net")))
+        deadline = time.monotonic() + HANG_TIMEOUT_SECONDS
+        while not marked(markers, "hang") and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert marked(markers, "hang"), "the hanging module was never imported by a checking child"
+        quick = time.monotonic()   # while the child hangs, the trainer answers other calls
+        profiles = await api.stub.ListProfiles(pb.ListProfilesRequest(), timeout=10)
+        assert profiles.profiles and time.monotonic() - quick < 10
+        assert not hanging.done()
+        await api.fails(hanging, PRECONDITION, "acme_models.hang", "did not finish within",
+                        "CODE_CHECK_TIMEOUT_SECONDS")
+        assert time.monotonic() - started < HANG_TIMEOUT_SECONDS + 30
+        for pid in marked(markers, "hang"):
+            assert not Path(f"/proc/{pid}").exists() or ") Z " in Path(f"/proc/{pid}/stat").read_text(), \
+                f"the hanging checker {pid} was left running"
+        assert trainer.proc.poll() is None and trainer.proc.pid not in marked(markers, "acme")
+        job = await api.submit(spec(name("after-hang"), dataset_name))     # built-in recipe: still accepted
+        assert (await api.get(job.id)).state in (pb.QUEUED, pb.RUNNING, pb.SUCCEEDED)
+        await api.cancel(job.id, "only acceptance mattered")
+        assert await api.jobs(model=model) == []
 
 
 def override(**fields) -> common_pb2.TrainingProfile:  # noqa: ANN003
