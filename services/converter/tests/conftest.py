@@ -6,14 +6,17 @@ real stacks (nats-server, `splitstack-registry`, `splitstack-converter` processe
   floors (1,000 runs or 2 s per point), shared by the tests of a module on fresh model names.
 - `fresh_stack` (function): NATS + registry + an empty converter pool (tests start, kill and restart
   converter replicas on one shared database themselves; measurement floors lowered).
+- `stacks` (module): starts stacks with a converter environment of the test's choosing (and the
+  registry on a given port), each with one converter; all stopped at the module's end.
 
 When a test fails, the logs of every process it used are attached to its report.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,12 +57,12 @@ class Stack:
         node.stash.setdefault(STACKS, []).append(self)
 
 
-def _stack(root: Path, converter_env: dict[str, str]) -> Iterator[Stack]:
+def _stack(root: Path, converter_env: dict[str, str], registry_port: int = 0) -> Iterator[Stack]:
     nats_server = start_nats(root / "nats")
     registry = None
     pool = None
     try:
-        registry = start_registry(root / "registry", nats_server.url)
+        registry = start_registry(root / "registry", nats_server.url, registry_port)
         pool = ConverterPool(root / "converter", nats_server.url, registry.address, converter_env)
         yield Stack(nats_server, registry, pool)
     finally:
@@ -83,6 +86,18 @@ def stack(module_stack: Stack, request: pytest.FixtureRequest) -> Stack:
         assert process.proc.poll() is None, f"{process.name} died (rc {process.proc.returncode}):\n{process.log()}"
     module_stack.attach_logs(request.node)
     return module_stack
+
+
+@pytest.fixture(scope="module")
+def stacks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Stack]]:
+    """`stacks(name, converter_env, registry_port=0)`: a started stack, stopped when the module ends."""
+    with contextlib.ExitStack() as exits:
+        def start(name: str, converter_env: dict[str, str], registry_port: int = 0) -> Stack:
+            stack = exits.enter_context(contextlib.contextmanager(_stack)(
+                tmp_path_factory.mktemp(name), converter_env, registry_port))
+            stack.pool.start()
+            return stack
+        yield start
 
 
 @pytest.fixture

@@ -35,9 +35,10 @@ CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * MIB), ("grpc.max_sen
 
 # ---- processes ---------------------------------------------------------------------------------------
 
-def start_registry(root: Path, nats_url: str) -> ServiceProcess:
-    """A registry on SQLite + a local artifact directory under `root`."""
-    env = {"SPLITSTACK_NATS_URL": nats_url, "SPLITSTACK_REGISTRY_GRPC_PORT": "0",
+def start_registry(root: Path, nats_url: str, port: int = 0) -> ServiceProcess:
+    """A registry on SQLite + a local artifact directory under `root` (again: the same records), on
+    `port` (0: a free one)."""
+    env = {"SPLITSTACK_NATS_URL": nats_url, "SPLITSTACK_REGISTRY_GRPC_PORT": str(port),
            "SPLITSTACK_REGISTRY_DATABASE_URL": f"sqlite:///{root / 'registry.db'}",
            "SPLITSTACK_REGISTRY_ARTIFACT_DIR": str(root / "artifacts"),
            "SPLITSTACK_REGISTRY_RELAY_POLL_SECONDS": "0.2",
@@ -119,11 +120,22 @@ def fresh_name(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
+def artifact_header(model: str, version: int, data: bytes, **fields: Any) -> rpb.ArtifactHeader:
+    """The header of an upload of `data` to (model, version)."""
+    return rpb.ArtifactHeader(model=model, version=version, sha256=sha256_of(data), size_bytes=len(data), **fields)
+
+
+async def upload(stub: registry_pb2_grpc.RegistryStub, header: rpb.ArtifactHeader, data: bytes) -> rpb.Artifact:
+    return await stub.UploadArtifact(_upload_stream(header, data), timeout=RPC_TIMEOUT_SECONDS)
+
+
 async def register_version(stub: registry_pb2_grpc.RegistryStub, model: str, program: bytes, sample: bytes,
                            *, required_targets: Iterable[str] = ("cpu",),
-                           labels: Mapping[str, str] | None = None) -> rpb.ModelVersion:
-    """CreateModel, CreateVersion, upload the exported program and the sample, FinalizeVersion
-    (the registry then announces model.registered)."""
+                           labels: Mapping[str, str] | None = None,
+                           extra: Iterable[tuple[Mapping[str, Any], bytes]] = ()) -> rpb.ModelVersion:
+    """CreateModel, CreateVersion, upload the exported program, the sample and `extra` artifacts
+    ((header fields, bytes): what any client of the registry may add), FinalizeVersion (the registry
+    then announces model.registered)."""
     accuracy = common.PrimaryMetric(name="accuracy", direction=common.MAXIMIZE)
     await stub.CreateModel(rpb.CreateModelRequest(model=rpb.Model(
         name=model, required_targets=list(required_targets), primary_metric=accuracy, labels=dict(labels or {}))),
@@ -136,6 +148,8 @@ async def register_version(stub: registry_pb2_grpc.RegistryStub, model: str, pro
         header = rpb.ArtifactHeader(model=model, version=version.version, kind=kind, precision=common.PRECISION_FP32,
                                     sha256=sha256_of(data), size_bytes=len(data), filename=filename)
         await stub.UploadArtifact(_upload_stream(header, data), timeout=RPC_TIMEOUT_SECONDS)
+    for fields, data in extra:
+        await upload(stub, artifact_header(model, version.version, data, **fields), data)
     return await stub.FinalizeVersion(rpb.FinalizeVersionRequest(model=model, version=version.version),
                                       timeout=RPC_TIMEOUT_SECONDS)
 

@@ -11,6 +11,7 @@ from splitstack.common.v1 import common_pb2 as common
 from splitstack_converter.config import load_converter_settings
 from splitstack_converter.main import load_targets, policy_for
 from splitstack_converter.pipeline import tensorrt
+from splitstack_converter.pipeline.isolation import MIB, ChildLimits
 
 BASE = {"SPLITSTACK_REGISTRY_ADDR": "127.0.0.1:5000"}
 
@@ -25,6 +26,15 @@ def test_defaults_and_overrides() -> None:
     policy = policy_for(tuned, load_targets(tuned)["cpu"])
     assert policy.build.floors.min_runs == 50 and policy.switch_margin == 0.2
     assert policy.build.ort.intra_op_threads == 1 and policy.build.target.max_batch == 64
+    assert (settings.registry_retry_seconds, settings.allow_pickled_programs) == (120.0, False)
+    limits = policy_for(settings, load_targets(settings)["cpu"])
+    assert limits.load_limits == ChildLimits(300.0, 8192 * MIB) and not limits.allow_pickled_programs
+    assert limits.build.limits == ChildLimits(300.0, 8192 * MIB)
+    unlimited = load_converter_settings({**BASE, "SPLITSTACK_CONVERTER_CHILD_MEMORY_MIB": "0",
+                                         "SPLITSTACK_CONVERTER_LOAD_TIMEOUT_SECONDS": "30",
+                                         "SPLITSTACK_CONVERTER_ALLOW_PICKLED_PROGRAMS": "true"})
+    policy = policy_for(unlimited, load_targets(unlimited)["cpu"])
+    assert policy.load_limits == ChildLimits(30.0, 0) and policy.allow_pickled_programs
 
 
 @pytest.mark.parametrize("env, words", [
@@ -33,6 +43,11 @@ def test_defaults_and_overrides() -> None:
     ({"SPLITSTACK_CONVERTER_PROFILE_MIN_SECONDS": "0"}, "PROFILE_MIN_SECONDS"),
     ({"SPLITSTACK_CONVERTER_OPTIMIZATION_LEVEL": "all"}, "OPTIMIZATION_LEVEL"),
     ({"SPLITSTACK_REGISTRY_ADDR": ""}, "SPLITSTACK_REGISTRY_ADDR"),
+    ({"SPLITSTACK_CONVERTER_LOAD_TIMEOUT_SECONDS": "0"}, "LOAD_TIMEOUT_SECONDS"),
+    ({"SPLITSTACK_CONVERTER_CHILD_TIMEOUT_SECONDS": "-1"}, "CHILD_TIMEOUT_SECONDS"),
+    ({"SPLITSTACK_CONVERTER_CHILD_MEMORY_MIB": "-1"}, "CHILD_MEMORY_MIB"),
+    ({"SPLITSTACK_CONVERTER_REGISTRY_RETRY_SECONDS": "-1"}, "REGISTRY_RETRY_SECONDS"),
+    ({"SPLITSTACK_CONVERTER_ALLOW_PICKLED_PROGRAMS": "maybe"}, "ALLOW_PICKLED_PROGRAMS"),
 ])
 def test_bad_settings_fail_naming_the_variable(env: dict[str, str], words: str) -> None:
     with pytest.raises(ConfigError, match=words):

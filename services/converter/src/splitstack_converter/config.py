@@ -7,6 +7,7 @@ from pathlib import Path
 
 from splitstack.chassis.config import ChassisSettings, ConfigError, load_settings, peer_addr
 from splitstack.contracts.names import InvalidName, check_name
+from splitstack_converter.pipeline.isolation import MIB, ChildLimits
 from splitstack_converter.pipeline.optimize import LEVELS
 
 SERVICE_NAME = "converter"
@@ -40,7 +41,13 @@ class ConverterSettings(ChassisSettings):
     ack_wait_seconds: float = 60.0
     lease_seconds: float = 60.0                # a claim not renewed for this long may be taken over
     registry_timeout_seconds: float = 120.0
+    registry_retry_seconds: float = 120.0      # how long a call keeps retrying UNAVAILABLE / DEADLINE_EXCEEDED
     watch_poll_seconds: float = 0.5
+    # Children that load untrusted bytes (see pipeline.isolation): time and memory limits.
+    load_timeout_seconds: float = 300.0        # loading the exported program and exporting it to ONNX
+    child_timeout_seconds: float = 300.0       # each ONNX Runtime child: optimize, quantize, gate (+ profile floors)
+    child_memory_mib: int = 8192               # address-space limit of every child; 0: none
+    allow_pickled_programs: bool = False       # let torch unpickle arbitrary objects while loading a program
     relay_poll_seconds: float = 0.5
 
     def __post_init__(self) -> None:
@@ -56,7 +63,9 @@ class ConverterSettings(ChassisSettings):
                     "lease_seconds": self.lease_seconds, "watch_poll_seconds": self.watch_poll_seconds,
                     "relay_poll_seconds": self.relay_poll_seconds, "ort_intra_op_threads": self.ort_intra_op_threads,
                     "ort_inter_op_threads": self.ort_inter_op_threads,
-                    "registry_timeout_seconds": self.registry_timeout_seconds}
+                    "registry_timeout_seconds": self.registry_timeout_seconds,
+                    "load_timeout_seconds": self.load_timeout_seconds,
+                    "child_timeout_seconds": self.child_timeout_seconds}
         for name, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"SPLITSTACK_CONVERTER_{name.upper()} must be > 0, got {value}")
@@ -66,6 +75,9 @@ class ConverterSettings(ChassisSettings):
         if not 0 <= self.min_top1_agreement <= 1 or self.max_metric_drop < 0:
             raise ConfigError("SPLITSTACK_CONVERTER_MIN_TOP1_AGREEMENT must be in [0, 1] and "
                               "SPLITSTACK_CONVERTER_MAX_METRIC_DROP >= 0")
+        if self.child_memory_mib < 0 or self.registry_retry_seconds < 0:
+            raise ConfigError("SPLITSTACK_CONVERTER_CHILD_MEMORY_MIB and SPLITSTACK_CONVERTER_REGISTRY_RETRY_SECONDS "
+                              "must be >= 0")
         if not self.registry_addr:
             raise ConfigError("SPLITSTACK_REGISTRY_ADDR (the registry's host:port) is not set")
 
@@ -73,6 +85,10 @@ class ConverterSettings(ChassisSettings):
     def producer(self) -> str:
         """The producer stamped on event envelopes (service/instance)."""
         return f"{SERVICE_NAME}/{self.instance}"
+
+    def child_limits(self, timeout_seconds: float) -> ChildLimits:
+        """The limits of one child process that runs for at most `timeout_seconds`."""
+        return ChildLimits(timeout_seconds, self.child_memory_mib * MIB)
 
     @property
     def engine_cache(self) -> Path:

@@ -6,11 +6,20 @@ build) -> gate -> profile -> select -> crash point `converter.mid_conversion` ->
 accepted candidate's artifact is uploaded first (with its gate result and profile), the serving
 choice is written last, so a conversion that fails or dies before the end registers no choice.
 CPU-heavy stages run in the pool's executor; progress goes to the store through `progress`.
+
+Nothing the registry holds is trusted: the exported program is loaded and exported in a child
+process without credentials and under the pool's time and memory limits (see
+`pipeline.isolation`), its ONNX model is checked here; ONNX Runtime optimizes, quantizes, gates
+and measures in children too. An artifact already registered under a candidate's key (an
+interrupted earlier attempt, or anybody with access to the registry's API) is downloaded, its
+digest verified, and gated and measured here like a fresh candidate; its recorded gate result
+and profile are ignored.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Executor
@@ -26,11 +35,11 @@ from splitstack.registry.v1 import registry_pb2
 from splitstack_converter.pipeline import PipelineError
 from splitstack_converter.pipeline.build import CandidateBuilder, TargetBuild
 from splitstack_converter.pipeline.candidates import Candidate
-from splitstack_converter.pipeline.export import export_onnx
 from splitstack_converter.pipeline.gate import Tolerance, check_metric, resolve_tolerance
-from splitstack_converter.pipeline.optimize import optimize_onnx
+from splitstack_converter.pipeline.isolation import ChildLimits
 from splitstack_converter.pipeline.sample import load_sample
 from splitstack_converter.pipeline.select import Selection, choose
+from splitstack_converter.pipeline.worker import export_in_child, optimize_in_child
 from splitstack_converter.registry_client import DigestMismatch, RegistryClient, RegistryRejected
 from splitstack_converter.store import conversion_id
 
@@ -71,6 +80,8 @@ class Policy:
     optimization_level: str = "basic"
     switch_margin: float = 0.10
     producer: str = "converter"
+    load_limits: ChildLimits = ChildLimits()    # the child that loads and exports the program
+    allow_pickled_programs: bool = False        # let torch unpickle arbitrary objects in that child
 
 
 class ConversionRun:
@@ -92,10 +103,13 @@ class ConversionRun:
         self.workdir.mkdir(parents=True, exist_ok=True)
         program, sample_path, metric, tolerance = await self._fetch()
         await self._enter("export")
-        info = await self._thread(export_onnx, program, self.workdir / "exported.onnx")
+        exported, optimized = self.workdir / "exported.onnx", self.workdir / "optimized.onnx"
+        info = await self._thread(functools.partial(
+            export_in_child, program, exported, self.workdir / "child-export", self.policy.load_limits,
+            allow_pickle=self.policy.allow_pickled_programs))
         await self._enter("optimize")
-        optimized = self.workdir / "optimized.onnx"
-        await self._thread(optimize_onnx, self.workdir / "exported.onnx", optimized, self.policy.optimization_level)
+        await self._thread(optimize_in_child, exported, optimized, self.policy.optimization_level,
+                           self.workdir / "child-optimize", self.policy.build.limits)
         sample = await self._thread(load_sample, sample_path, info.features, self.policy.calibration_rows)
         builder = CandidateBuilder(self.policy.build, optimized, info, sample, self.workdir)
         for fmt in self.policy.build.target.candidate_formats:
@@ -105,7 +119,7 @@ class ConversionRun:
         selection = self._select()
         crash_point(CRASH_POINT)
         await self._enter("register")
-        return await self._register(selection)
+        return await self._register(selection, builder, metric, tolerance)
 
     # -- stages
     async def _fetch(self) -> tuple[Path, Path, common_pb2.PrimaryMetric, Tolerance]:
@@ -162,19 +176,20 @@ class ConversionRun:
         selection = choose(self.candidates, self.policy.build.target.selection_metric, self.policy.switch_margin)
         for candidate in self.candidates:
             if candidate is selection.chosen:
-                candidate.reason = f"chosen: {selection.reason}"
+                candidate.reason = f"{_registered_note(candidate)}chosen: {selection.reason}"
             elif candidate.accepted:
-                candidate.reason = f"passed, not chosen: {candidate.gate.reason}"
+                candidate.reason = f"{_registered_note(candidate)}passed, not chosen: {candidate.gate.reason}"
         log.info("%s: %s", self.job.id, selection.reason)
         return selection
 
-    async def _register(self, selection: Selection) -> registry_pb2.ServingChoice:
+    async def _register(self, selection: Selection, builder: CandidateBuilder, metric: common_pb2.PrimaryMetric,
+                        tolerance: Tolerance) -> registry_pb2.ServingChoice:
         """Upload every accepted candidate, then write the serving choice (last)."""
         job = self.job
         try:
-            selection = await self._adopt_registered(selection)
+            selection = await self._adopt_registered(selection, builder, metric, tolerance)
             for candidate in self.candidates:
-                if candidate.accepted and candidate.path is not None:
+                if candidate.accepted and candidate.path is not None and not candidate.adopted:
                     await self.registry.upload(self._header(candidate), candidate.path)
             request = registry_pb2.SetServingChoiceRequest(
                 model=job.model, version=job.version, target=job.target, artifact_sha256=selection.chosen.sha256,
@@ -190,20 +205,38 @@ class ConversionRun:
         except RegistryRejected as exc:
             raise PipelineError("register", str(exc)) from None
 
-    async def _adopt_registered(self, selection: Selection) -> Selection:
-        """An earlier, interrupted attempt may have registered some artifacts already: keep those
-        (their gate and profile came with them) instead of uploading different bytes under the key."""
+    async def _adopt_registered(self, selection: Selection, builder: CandidateBuilder,
+                                metric: common_pb2.PrimaryMetric, tolerance: Tolerance) -> Selection:
+        """An artifact registered under an accepted candidate's key with other bytes (an interrupted
+        earlier attempt, or a client of the registry) is kept, since keys are immutable; but what it
+        says about itself is not: it is downloaded (digest verified), gated and measured here."""
         version = await self.registry.get_version(self.job.model, self.job.version)
         stored = {(a.kind, a.precision): a for a in version.artifacts if a.target == self.job.target}
         adopted = False
         for candidate in self.candidates:
             found = stored.get((candidate.kind, candidate.precision))
             if candidate.accepted and found is not None and found.sha256 != candidate.sha256:
-                log.info("%s: keeping the registered %s artifact %s", self.job.id, candidate.name, found.sha256)
-                candidate.sha256, candidate.path = found.sha256, None
-                candidate.gate, candidate.profile = found.gate, found.profile
+                log.info("%s: a %s artifact %s is registered already; gating and measuring it", self.job.id,
+                         candidate.name, found.sha256)
+                await self._judge_registered(candidate, found, builder, metric, tolerance)
                 adopted = True
+        if adopted:
+            await self._publish_candidates()
         return self._select() if adopted else selection
+
+    async def _judge_registered(self, candidate: Candidate, found: registry_pb2.Artifact, builder: CandidateBuilder,
+                                metric: common_pb2.PrimaryMetric, tolerance: Tolerance) -> None:
+        """Replace `candidate` by the registered artifact `found`, with this pool's own verdicts on it."""
+        path = self.workdir / f"registered-{candidate.filename}"
+        try:
+            await self.registry.download(found.sha256, path)
+        except DigestMismatch as exc:
+            raise PipelineError("register", f"the registered {candidate.name} artifact: {exc}") from None
+        candidate.adopt(path, found.sha256)
+        await self._thread(builder.gate, candidate, metric, tolerance)
+        if candidate.accepted:
+            await self._thread(builder.profile, candidate)
+        candidate.reason = f"{_registered_note(candidate)}{candidate.reason}"
 
     def _header(self, candidate: Candidate) -> registry_pb2.ArtifactHeader:
         size = candidate.path.stat().st_size
@@ -229,3 +262,8 @@ class ConversionRun:
 
     async def _thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+
+def _registered_note(candidate: Candidate) -> str:
+    """How a candidate's reason starts when it stands for an artifact registered before (judged here)."""
+    return f"registered artifact {candidate.sha256[:12]} re-gated here: " if candidate.adopted else ""

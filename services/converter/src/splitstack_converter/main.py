@@ -21,6 +21,7 @@ from splitstack.chassis.bus import connect_bus
 from splitstack.chassis.config import ConfigError
 from splitstack.chassis.db import open_engine
 from splitstack.chassis.outbox import Outbox, OutboxRelay
+from splitstack.chassis.retry import RetryBudget
 from splitstack.chassis.server import ServiceRuntime, run_service
 from splitstack.chassis.tls import client_channel
 from splitstack.common.v1 import common_pb2
@@ -69,10 +70,12 @@ def policy_for(settings: ConverterSettings, target: common_pb2.InferenceTarget) 
         target=target,
         ort=OrtOptions(settings.ort_intra_op_threads, settings.ort_inter_op_threads, target.accelerator),
         floors=Floors(settings.profile_min_runs, settings.profile_min_seconds, settings.profile_warmup_runs),
-        engine_cache_dir=settings.engine_cache)
+        engine_cache_dir=settings.engine_cache, limits=settings.child_limits(settings.child_timeout_seconds))
     return Policy(build=build, default_tolerance=Tolerance(settings.max_metric_drop, settings.min_top1_agreement),
                   calibration_rows=settings.calibration_rows, optimization_level=settings.optimization_level,
-                  switch_margin=settings.switch_margin, producer=settings.producer)
+                  switch_margin=settings.switch_margin, producer=settings.producer,
+                  load_limits=settings.child_limits(settings.load_timeout_seconds),
+                  allow_pickled_programs=settings.allow_pickled_programs)
 
 
 async def build(settings: ConverterSettings) -> ServiceRuntime:
@@ -103,7 +106,8 @@ async def _assemble(runtime: ServiceRuntime, settings: ConverterSettings) -> Non
     await bus.ensure_streams()
     relay = OutboxRelay(engine, tables.outbox, bus, poll_interval=settings.relay_poll_seconds)
     runtime.start_task(relay.run_until_cancelled(RELAY_STOP_SECONDS), name="outbox-relay")
-    registry = RegistryClient(channel, settings.registry_timeout_seconds)
+    registry = RegistryClient(channel, settings.registry_timeout_seconds,
+                              RetryBudget(total_seconds=settings.registry_retry_seconds))
     core = Converter(settings, targets, store, registry, policy_for(settings, target), executor, relay.wake)
     consumer = CONSUMERS["converter"].for_target(target.id)
     await bus.work_consumer(consumer, WorkHandler(core, settings.max_deliver), max_deliver=settings.max_deliver,

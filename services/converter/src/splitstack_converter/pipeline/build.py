@@ -1,7 +1,11 @@
 """Building, gating and measuring each candidate format of a target from the optimized ONNX model.
 
 A candidate whose build, gate or measurement fails is rejected with its reason (the others go on);
-only the stages before (fetch, export, optimize) end a whole conversion.
+only the stages before (fetch, export, optimize) end a whole conversion. INT8 quantization (which
+runs the model on the calibration rows), the gate's run over the sample and the profile each run
+in a child process under the pool's `ChildLimits` (see `isolation`): a model that hangs, crashes or
+exhausts memory there rejects its candidate and nothing else. TensorRT engines are built here
+(GPU pools only).
 """
 
 from __future__ import annotations
@@ -15,12 +19,13 @@ from splitstack.common.v1 import common_pb2
 from splitstack_converter.pipeline import PipelineError, tensorrt
 from splitstack_converter.pipeline.candidates import Candidate, sha256_file
 from splitstack_converter.pipeline.export import OnnxModelInfo
-from splitstack_converter.pipeline.gate import Tolerance, evaluate, run_in_batches
+from splitstack_converter.pipeline.gate import Tolerance, evaluate
+from splitstack_converter.pipeline.isolation import ChildLimits
 from splitstack_converter.pipeline.profile import Floors, batch_sizes
-from splitstack_converter.pipeline.profile_worker import measure_in_subprocess
 from splitstack_converter.pipeline.quantize import TENSORRT_SCHEME, cpu_scheme, quantize_int8
-from splitstack_converter.pipeline.runners import OrtOptions, Runner, cpu_description, open_runner
+from splitstack_converter.pipeline.runners import OrtOptions, cpu_description
 from splitstack_converter.pipeline.sample import Sample
+from splitstack_converter.pipeline.worker import measure_in_child, quantize_in_child, run_in_child
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +41,7 @@ class TargetBuild:
     ort: OrtOptions
     floors: Floors
     engine_cache_dir: Path
+    limits: ChildLimits = ChildLimits()        # each child's time (gate, quantize) and memory limit
 
     @property
     def max_batch(self) -> int:
@@ -58,6 +64,12 @@ class CandidateBuilder:
         self.sample = sample
         self.workdir = workdir
         self._trt = trt_module
+        self._children = 0
+
+    def scratch(self, task: str) -> Path:
+        """A fresh scratch directory for one child process."""
+        self._children += 1
+        return self.workdir / f"child-{self._children}-{task}"
 
     # -- build
     def build(self, fmt: int) -> Candidate:
@@ -71,7 +83,8 @@ class CandidateBuilder:
             elif fmt == common_pb2.ONNX_INT8:
                 path = self.workdir / candidate.filename
                 scheme = cpu_scheme()
-                quantize_int8(self.optimized, path, self.sample.calibration_inputs, self.info.input_name, scheme)
+                quantize_in_child(self.optimized, path, self.sample.calibration_inputs, self.info.input_name,
+                                  scheme.name, self.scratch("quantize"), self.build_settings.limits)
                 candidate.built(path, quantization=f"qdq-{scheme.name}-minmax",
                                 calibration_rows=str(len(self.sample.calibration_inputs)))
             elif fmt in TENSORRT_FORMATS:
@@ -120,42 +133,41 @@ class CandidateBuilder:
             return path
         return self.optimized
 
-    # -- run
-    def open_runner(self, candidate: Candidate) -> Runner:
-        if candidate.format in ONNX_FORMATS or self._trt is None:
-            return open_runner(candidate.format, candidate.path, self.build_settings.ort)
-        return tensorrt.TensorRtRunner(self._trt, candidate.path)
-
+    # -- judge
     def gate(self, candidate: Candidate, metric: common_pb2.PrimaryMetric, tolerance: Tolerance) -> None:
-        """Run the sample through the candidate and record the gate's verdict."""
+        """Run the sample through the candidate (in a child process) and record the gate's verdict."""
+        settings = self.build_settings
         try:
-            runner = self.open_runner(candidate)
-        except Exception as exc:  # noqa: BLE001  a candidate that cannot load is rejected, not fatal
-            candidate.reject(f"cannot load {candidate.name}: {_first_line(exc)}")
-            return
-        try:
-            outputs = run_in_batches(runner.run, self.sample.inputs, self.build_settings.max_batch)
-        except Exception as exc:  # noqa: BLE001
+            outputs = run_in_child(candidate.format, candidate.path, self.sample.inputs, settings.max_batch,
+                                   settings.ort, self.scratch("gate"), settings.limits)
+        except Exception as exc:  # noqa: BLE001  a candidate that cannot load or run is rejected, not fatal
             candidate.reject(f"{candidate.name} failed on the sample: {_first_line(exc)}")
             return
-        finally:
-            runner.close()
         candidate.gate = evaluate(outputs, self.sample.reference_outputs, self.sample.labels, metric, tolerance)
         candidate.accepted = candidate.gate.passed
         candidate.reason = candidate.gate.reason if candidate.gate.passed else f"rejected: {candidate.gate.reason}"
 
     def profile(self, candidate: Candidate) -> None:
-        """Measure an accepted candidate on this machine (in a child process: see profile_worker)."""
-        target = self.build_settings.target
+        """Measure an accepted candidate on this machine, in a fresh child process (its own memory)."""
+        settings = self.build_settings
+        target = settings.target
         sizes = batch_sizes(target.max_batch, target.selection_metric.batch_size)
+        limits = settings.limits.with_timeout(settings.limits.timeout_seconds + profile_seconds(settings.floors,
+                                                                                                 sizes))
         try:
-            candidate.profile = measure_in_subprocess(candidate.format, candidate.path, self.sample.inputs, sizes,
-                                                      self.build_settings.floors, self.build_settings.ort,
-                                                      target=target.id, device=self.build_settings.device())
+            candidate.profile = measure_in_child(candidate.format, candidate.path, self.sample.inputs, sizes,
+                                                 settings.floors, settings.ort, self.scratch("profile"), limits,
+                                                 target=target.id, device=settings.device())
         except Exception as exc:  # noqa: BLE001
             candidate.reject(f"measuring {candidate.name} failed: {_first_line(exc)}")
             return
         candidate.profile.accuracy = candidate.gate.candidate_metric
+
+
+def profile_seconds(floors: Floors, sizes: list[int]) -> float:
+    """What measuring takes beyond loading: every point runs at most min_seconds after its warm-up
+    (four times that, plus ten seconds, leaves room for a busy machine)."""
+    return len(sizes) * (floors.min_seconds * 4 + 10)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -43,6 +43,7 @@ class Candidate:
     profile: common_pb2.MeasuredProfile | None = None
     accepted: bool = False           # passed the gate and was measured: servable
     reason: str = ""
+    adopted: bool = False            # the artifact registered under this key already (not uploaded again)
 
     @property
     def name(self) -> str:
@@ -65,6 +66,12 @@ class Candidate:
         self.path = path
         self.sha256 = sha256_file(path)
         self.metadata.update(metadata)
+
+    def adopt(self, path: Path, sha256: str) -> None:
+        """Stand for the artifact registered under this candidate's key (file at `path`, digest verified),
+        with no verdict yet: the gate and the profiler judge it again."""
+        self.path, self.sha256, self.adopted = path, sha256, True
+        self.gate, self.profile, self.accepted, self.reason = None, None, False, ""
 
     def reject(self, reason: str) -> None:
         self.accepted = False

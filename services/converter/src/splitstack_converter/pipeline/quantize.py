@@ -47,6 +47,7 @@ CPU_SCHEME = QuantizationScheme("u8s8-per-channel", QuantType.QUInt8, QuantType.
 CPU_REDUCED_RANGE_SCHEME = QuantizationScheme("u8s7-per-channel", QuantType.QUInt8, QuantType.QInt8, False,
                                               reduce_range=True)
 TENSORRT_SCHEME = QuantizationScheme("s8s8-symmetric-per-channel", QuantType.QInt8, QuantType.QInt8, True)
+SCHEMES = {scheme.name: scheme for scheme in (CPU_SCHEME, CPU_REDUCED_RANGE_SCHEME, TENSORRT_SCHEME)}
 
 
 def x86_without_vnni(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
