@@ -1,7 +1,7 @@
 """How much to fuzz (bounded in `make test`, longer in `make fuzz`), what was seen, and the report.
 
 Settings, from the environment:
-- `SPLITSTACK_FUZZ_EXAMPLES` — examples per RPC and poison payloads per consumer (default 5: the bounded run
+- `SPLITSTACK_FUZZ_EXAMPLES` — examples per RPC and poison payloads per consumer (default 8: the bounded run
   of `make test`; `make fuzz` sets 500 unless told otherwise).
 - `SPLITSTACK_FUZZ_REPORT` — where to write the markdown report (unset: none; `make fuzz`: docs/fuzz.md).
 - `SPLITSTACK_FUZZ_SHRINK` — 1 to minimise a failing input with hypothesis' shrinker (default: on when a
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, Phase, settings
 
-BOUNDED_EXAMPLES = 5
+BOUNDED_EXAMPLES = 8
 EXAMPLES = int(os.environ.get("SPLITSTACK_FUZZ_EXAMPLES", BOUNDED_EXAMPLES))
 REPORT = os.environ.get("SPLITSTACK_FUZZ_REPORT", "")
 SHRINK = os.environ.get("SPLITSTACK_FUZZ_SHRINK", "1" if REPORT else "0") == "1"

@@ -180,7 +180,7 @@ def _pick(values: Sequence, near: Callable[[], st.SearchStrategy] | None = None)
 def digest_variants(shas: Sequence[str]) -> st.SearchStrategy[str]:
     """Real digests, and digests one step wrong: upper case, truncated, a newline, not hex, unknown."""
     real = st.sampled_from(list(shas) or ["0" * 64])
-    return st.one_of(real, real.map(str.upper), real.map(lambda s: s[:-1]), real.map(lambda s: s + "\n"),
+    return st.one_of(real, real, real, real, real.map(str.upper), real.map(lambda s: s[:-1]), real.map(lambda s: s + "\n"),
                      real.map(lambda s: "g" + s[1:]), real.map(lambda s: "../" + s), st.just("f" * 64),
                      st.just(""), st.just("0" * 128))
 
@@ -452,11 +452,14 @@ def upload_sequences(draw: st.DrawFn, request_type: type[Message], header: st.Se
     """Upload streams: header + chunks (digest and size right or wrong) or an order violation."""
     content = draw(contents)
     head = draw(header)
-    if draw(st.booleans()):
+    if draw(st.integers(0, 3)) > 0:   # mostly the right digest and size, so the content gets looked at
         head.sha256 = sha256(content)
         head.size_bytes = len(content)
-    chunks = [request_type(chunk=c) for c in _chunks(content, draw(st.sampled_from([1 << 20, 7, 65536])))]
-    first = request_type(header=head)
+    size = draw(st.sampled_from([1 << 20, 65536] + ([7] if len(content) < 4096 else [])))
+    chunks = [request_type(chunk=c) for c in _chunks(content, size)]
+    first = request_type()
+    first.header.CopyFrom(head)
+    first.header.SetInParent()
     shape = draw(st.sampled_from(["ok", "ok", "ok", "ok", "chunks-first", "two-headers", "header-only", "empty",
                                   "chunk-only", "header-last", "empty-chunks"]))
     return {"ok": [first, *chunks], "chunks-first": [*chunks, first], "two-headers": [first, first, *chunks],
@@ -480,26 +483,43 @@ def dataset_header(seeds: Seeds) -> st.SearchStrategy[rpb.DatasetVersionHeader]:
 
 
 def dataset_contents() -> st.SearchStrategy[bytes]:
-    """A real .npz, one cut short, one with a corrupt body, random bytes, nothing."""
-    good = npz_bytes()
-    return st.one_of(st.sampled_from([good, good[: len(good) // 2], good[:30] + b"\xff" * (len(good) - 30), b"",
-                                      b"PK\x05\x06" + b"\x00" * 18]), nasty_bytes())
+    """Real .npz files mostly; one cut short, a corrupt body, no rows, strings, no labels, random bytes, nothing."""
+    good = st.integers(1, 40).map(npz_bytes)
+    bad = st.sampled_from([npz_bytes()[:300], npz_bytes()[:30] + b"\xff" * 900, b"", b"PK\x05\x06" + b"\x00" * 18,
+                           _npz_with(np.zeros((0, 64), np.float32)), _npz_with(np.array(["a", "b"])),
+                           _npz_with(np.zeros((2, 64), np.float32), labels=False)])
+    return weighted([(3, good), (2, bad), (1, nasty_bytes())])
+
+
+def _npz_with(inputs: np.ndarray, labels: bool = True) -> bytes:
+    """An .npz whose arrays are odd: no rows, strings, no labels."""
+    buffer = io.BytesIO()
+    arrays = {"inputs": inputs, **({"labels": np.zeros(len(inputs), np.int64)} if labels else {})}
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
 
 
 def stream_requests(rpc: Rpc, seeds: Seeds) -> st.SearchStrategy[list[Message]]:
     """Message sequences for a client-streaming RPC."""
     request_type = message_class(rpc.request_type)
-    generic = st.lists(st.one_of(messages(rpc.request_type, seeds.names, big=False), raw_payloads()), max_size=4)
+    generic = st.lists(weighted([(9, messages(rpc.request_type, seeds.names, big=False)), (1, raw_payloads())]),
+                       max_size=4)
     if rpc.name == "registry.UploadArtifact":
         uploads = upload_sequences(request_type, artifact_header(seeds), nasty_bytes())
-        return st.one_of(generic, uploads, uploads)
+        return weighted([(3, uploads), (1, generic)])
     if rpc.name == "registry.UploadDatasetVersion":
         uploads = upload_sequences(request_type, dataset_header(seeds), dataset_contents())
-        return st.one_of(generic, uploads, uploads)
+        return weighted([(3, uploads), (1, generic)])
     if rpc.name == "serving.ModelStreamInfer":
         one = st.one_of(infer_request(seeds), hostile_infer(seeds), messages(rpc.request_type, seeds.names, big=False))
-        return st.one_of(generic, st.lists(one, max_size=5))
+        return weighted([(3, st.lists(one, max_size=5)), (1, generic)])
     return generic
+
+
+def weighted(options: list[tuple[int, st.SearchStrategy]]) -> st.SearchStrategy:
+    """One of `options`, each drawn about `weight` times in `sum(weights)`."""
+    slots = [strategy for weight, strategy in options for _ in range(weight)]
+    return st.integers(0, len(slots) - 1).flatmap(lambda i: slots[i])
 
 
 def requests(rpc: Rpc, seeds: Seeds) -> st.SearchStrategy:
@@ -510,10 +530,9 @@ def requests(rpc: Rpc, seeds: Seeds) -> st.SearchStrategy:
     generic = messages(rpc.request_type, seeds.names)
     template = templates(seeds).get(rpc.name)
     near = near_valid(rpc.request_type, seeds, template, rpc.service)
-    options = [generic, near, near, raw_payloads()]
     if rpc.name == "serving.ModelInfer":
-        options.append(hostile_infer(seeds))
-    return st.one_of(options)
+        near = st.one_of(near, hostile_infer(seeds))
+    return weighted([(6, near), (3, generic), (1, raw_payloads())])
 
 
 def describe(request: Message | Sequence[Message], limit: int = 600) -> str:

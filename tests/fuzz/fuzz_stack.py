@@ -197,6 +197,10 @@ class FuzzStack:
                 timeout=RPC_SECONDS)
         return version
 
+    def manual_policy(self, model: str) -> None:
+        self.registry.SetPromotionPolicy(rpb.SetPromotionPolicyRequest(
+            model=model, policy=rpb.PromotionPolicy(mode=rpb.PromotionPolicy.MANUAL), actor="fuzz"), timeout=RPC_SECONDS)
+
     def promote(self, model: str, version: int, alias: str = "production") -> None:
         self.registry.SetAlias(rpb.SetAliasRequest(model=model, alias=alias, version=version, actor="fuzz",
                                                    reason="fuzz"), timeout=RPC_SECONDS)
@@ -404,7 +408,10 @@ class FuzzStack:
         return sequence
 
     def canary_promotion(self) -> int:
-        """A fresh version of the served model promoted by SetAlias: serving must serve it."""
+        """A fresh version of the served model promoted by SetAlias: serving must serve it. (The policy is
+        put back to MANUAL first: under a fuzzed AUTO policy the registry would promote the version on
+        FinalizeVersion, before its serving choice exists.)"""
+        self.manual_policy(SERVED)
         version = self.register(SERVED, onnx_bytes=tiny_onnx(1.0 + len(self.restarts) + time.time() % 1))
         self.promote(SERVED, version)
         self.served_version = version

@@ -43,6 +43,8 @@ def after_call(stack: FuzzStack, rpc: Rpc, request: object, outcome: Outcome) ->
         stack.serving.RepositoryModelLoad(ipb.RepositoryModelLoadRequest(model_name=SERVED), timeout=60)
     elif rpc.name in ("registry.SetAlias", "registry.DeleteAlias") and getattr(request, "model", "") == SERVED:
         stack.promote(SERVED, stack.served_version)
+    elif rpc.name == "registry.SetPromotionPolicy" and getattr(request, "model", "") == SERVED:
+        stack.manual_policy(SERVED)
 
 
 def fuzz_rpc(stack: FuzzStack, rpc: Rpc, log: FuzzLog) -> Finding | None:
