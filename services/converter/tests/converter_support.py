@@ -24,6 +24,8 @@ from splitstack.chassis.testing.processes import ServiceProcess, launch_service,
 from splitstack.common.v1 import common_pb2 as common
 from splitstack.contracts import handoff
 from splitstack.contracts.envelope import MSG_ID_HEADER, Event, unwrap
+from splitstack.converter.v1 import converter_pb2 as cpb
+from splitstack.converter.v1 import converter_pb2_grpc
 from splitstack.registry.v1 import registry_pb2 as rpb
 from splitstack.registry.v1 import registry_pb2_grpc
 
@@ -227,3 +229,24 @@ async def open_event_log(url: str) -> AsyncIterator[EventLog]:
         yield EventLog(nc)
     finally:
         await asyncio.wait_for(nc.close(), 5)
+
+
+# ---- conversions ------------------------------------------------------------------------------------
+
+async def expect_failure(stack: Any, program: bytes, sample: bytes, prefix: str,
+                         timeout: float = 300.0) -> Any:
+    """Register a version of a fresh model with `program`; its ConversionFailed event (stage `export`,
+    nothing registered, the converter's record FAILED with the same reason)."""
+    model = fresh_name(prefix)
+    async with open_channel(stack.registry.address) as channel, open_event_log(stack.nats.url) as events:
+        stub = registry_pb2_grpc.RegistryStub(channel)
+        version = (await register_version(stub, model, program, sample)).version
+        failed = (await events.wait_for(f"conversion.failed.{model}.cpu", timeout=timeout))[0].payload
+        assert (failed.model, failed.version, failed.stage) == (model, version, "export"), failed
+        found = await get_version(stub, model, version)
+        assert conversion_artifacts(found) == [] and list(found.serving_choices) == []
+    async with open_channel(stack.converter.address) as channel:
+        record = await converter_pb2_grpc.ConverterStub(channel).GetConversion(
+            cpb.GetConversionRequest(model=model, version=version, target="cpu"))
+    assert record.state == cpb.FAILED and record.error == failed.reason
+    return failed

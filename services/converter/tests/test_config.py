@@ -8,6 +8,7 @@ import pytest
 
 from splitstack.chassis.config import ConfigError
 from splitstack.common.v1 import common_pb2 as common
+from splitstack.contracts.stacks import inference_targets
 from splitstack_converter.config import load_converter_settings
 from splitstack_converter.main import load_targets, policy_for
 from splitstack_converter.pipeline import tensorrt
@@ -35,6 +36,8 @@ def test_defaults_and_overrides() -> None:
                                          "SPLITSTACK_CONVERTER_ALLOW_PICKLED_PROGRAMS": "true"})
     policy = policy_for(unlimited, load_targets(unlimited)["cpu"])
     assert policy.load_limits == ChildLimits(30.0, 0) and policy.allow_pickled_programs
+    gpu_policy = policy_for(settings, inference_targets()["t4-int8"])     # CUDA needs its address space
+    assert gpu_policy.build.limits.memory_bytes == 0 == gpu_policy.load_limits.memory_bytes
 
 
 @pytest.mark.parametrize("env, words", [

@@ -4,10 +4,11 @@ torch 2.13's `torch.export.load` unpickles a .pt2's example inputs with full `pi
 weights-only load fails (see program_payloads.py), so a program can run code in whatever process
 loads it. The converter loads programs only in a child process, refuses pickles there unless the
 operator allows them, and gives the child no credentials, a scratch directory, a memory and a time
-limit. Artifacts already registered under a candidate's key are gated and measured again.
+limit.
 
-Two pools: `trusting` allows pickled programs (so the payloads do run, in the child) and carries
-fake AWS credentials in its own environment; `guarded` has the default settings.
+The pool here allows pickled programs (so the payloads do run, in the child) and carries fake AWS
+credentials in its own environment; with the default settings the payload is refused before it is
+unpickled (test_untrusted_registry.py).
 """
 
 from __future__ import annotations
@@ -19,13 +20,9 @@ from pathlib import Path
 
 import pytest
 from converter_models import HandOff
-from converter_support import (FAST_PROFILE, conversion_artifacts, fresh_name, get_version, open_channel,
-                               open_event_log, register_version)
+from converter_support import FAST_PROFILE, expect_failure
 from program_payloads import SLEEPER_CODE, SPY_CODE, Abort, Exec, Hog, plant
 
-from splitstack.converter.v1 import converter_pb2 as cpb
-from splitstack.converter.v1 import converter_pb2_grpc
-from splitstack.registry.v1 import registry_pb2_grpc
 from splitstack_converter.pipeline.isolation import CHILD_ENV_ALLOWED
 
 pytestmark = pytest.mark.timeout(420)
@@ -53,34 +50,6 @@ def trusting(trusting_pool, request: pytest.FixtureRequest):  # noqa: ANN001, AN
     return trusting_pool
 
 
-@pytest.fixture(scope="module")
-def guarded_pool(stacks: Callable[..., object]):  # noqa: ANN201
-    return stacks("guarded", dict(FAST_PROFILE))
-
-
-@pytest.fixture
-def guarded(guarded_pool, request: pytest.FixtureRequest):  # noqa: ANN001, ANN201
-    guarded_pool.attach_logs(request.node)
-    return guarded_pool
-
-
-async def fails(stack, program: bytes, sample: bytes, prefix: str, timeout: float = 300.0):
-    """Register a version with `program`; its conversion.failed event (and the model name)."""
-    model = fresh_name(prefix)
-    async with open_channel(stack.registry.address) as channel, open_event_log(stack.nats.url) as events:
-        stub = registry_pb2_grpc.RegistryStub(channel)
-        version = (await register_version(stub, model, program, sample)).version
-        failed = (await events.wait_for(f"conversion.failed.{model}.cpu", timeout=timeout))[0].payload
-        assert (failed.model, failed.version, failed.stage) == (model, version, "export"), failed
-        found = await get_version(stub, model, version)
-        assert conversion_artifacts(found) == [] and list(found.serving_choices) == []
-    async with open_channel(stack.converter.address) as channel:
-        record = await converter_pb2_grpc.ConverterStub(channel).GetConversion(
-            cpb.GetConversionRequest(model=model, version=version, target="cpu"))
-    assert record.state == cpb.FAILED and record.error == failed.reason
-    return failed
-
-
 async def gone(path: Path, timeout: float = 60.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while path.exists():
@@ -88,17 +57,13 @@ async def gone(path: Path, timeout: float = 60.0) -> None:
         await asyncio.sleep(0.2)
 
 
-def assert_alive(stack) -> None:  # noqa: ANN001
-    assert stack.converter.proc.poll() is None, stack.converter.log()[-5000:]
-
-
 async def test_a_program_payload_runs_only_in_a_child_without_credentials(trusting,
                                                                          handoffs: dict[str, HandOff],
                                                                          tmp_path: Path) -> None:
     stack = trusting
     marker = tmp_path / "spy.json"
-    failed = await fails(stack, plant(handoffs["mlp"].program, Exec(SPY_CODE, marker)), handoffs["mlp"].sample,
-                         "spy")
+    mlp = handoffs["mlp"]
+    failed = await expect_failure(stack, plant(mlp.program, Exec(SPY_CODE, marker)), mlp.sample, "spy")
     assert "cannot load the exported program" in failed.reason
     seen = json.loads(marker.read_text())                      # the payload ran ...
     converter = stack.converter.proc.pid
@@ -112,7 +77,7 @@ async def test_a_program_payload_runs_only_in_a_child_without_credentials(trusti
     assert Path(seen["cwd"]).resolve().is_relative_to(work) and seen["env"]["HOME"] == seen["cwd"]
     assert str(Path(seen["cwd"]).resolve()) not in seen["sys_path"] and "" not in seen["sys_path"]
     await gone(Path(seen["cwd"]))                               # the scratch directory goes with the conversion
-    assert_alive(stack)
+    assert stack.converter.proc.poll() is None
 
 
 async def test_a_hanging_load_is_killed_at_the_time_limit(trusting, handoffs: dict[str, HandOff],
@@ -120,35 +85,24 @@ async def test_a_hanging_load_is_killed_at_the_time_limit(trusting, handoffs: di
     stack = trusting
     marker = tmp_path / "sleeper.pid"
     started = asyncio.get_running_loop().time()
-    failed = await fails(stack, plant(handoffs["mlp"].program, Exec(SLEEPER_CODE, marker)), handoffs["mlp"].sample,
-                         "sleeper")
+    mlp = handoffs["mlp"]
+    failed = await expect_failure(stack, plant(mlp.program, Exec(SLEEPER_CODE, marker)), mlp.sample, "sleeper")
     assert f"did not finish within its {LOAD_TIMEOUT_SECONDS}s time limit (the process was killed)" in failed.reason
     assert asyncio.get_running_loop().time() - started >= LOAD_TIMEOUT_SECONDS
     sleeper = int(marker.read_text())
     assert not Path(f"/proc/{sleeper}").exists() or b"pipeline.worker" not in Path(
         f"/proc/{sleeper}/cmdline").read_bytes()                # the sleeping child is gone
-    assert_alive(stack)
+    assert stack.converter.proc.poll() is None
 
 
 async def test_a_crashing_or_memory_hungry_load_fails_with_the_reason(trusting,
                                                                       handoffs: dict[str, HandOff]) -> None:
     stack = trusting
     mlp = handoffs["mlp"]
-    crashed = await fails(stack, plant(mlp.program, Abort()), mlp.sample, "abort")
+    crashed = await expect_failure(stack, plant(mlp.program, Abort()), mlp.sample, "abort")
     assert "loading and exporting the program crashed (killed by SIGABRT)" in crashed.reason
-    hungry = await fails(stack, plant(mlp.program, Hog(64 * 1024 ** 3)), mlp.sample, "hog")
+    hungry = await expect_failure(stack, plant(mlp.program, Hog(64 * 1024 ** 3)), mlp.sample, "hog")
     assert f"ran out of its memory limit ({MEMORY_MIB} MiB)" in hungry.reason
-    truncated = await fails(stack, mlp.program[:len(mlp.program) // 2], mlp.sample, "truncated")
+    truncated = await expect_failure(stack, mlp.program[:len(mlp.program) // 2], mlp.sample, "truncated")
     assert "cannot load the exported program" in truncated.reason
-    assert_alive(stack)
-
-
-async def test_pickled_programs_are_refused_before_unpickling(guarded, handoffs: dict[str, HandOff],
-                                                              tmp_path: Path) -> None:
-    stack = guarded
-    marker = tmp_path / "spy.json"
-    failed = await fails(stack, plant(handoffs["cnn"].program, Exec(SPY_CODE, marker)), handoffs["cnn"].sample,
-                         "refused")
-    assert "pickled object" in failed.reason and "Unsupported global: GLOBAL exec" in failed.reason, failed.reason
-    assert not marker.exists()                                   # never unpickled
-    assert_alive(stack)
+    assert stack.converter.proc.poll() is None

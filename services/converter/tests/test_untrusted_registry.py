@@ -1,5 +1,7 @@
 """What the registry holds is checked, and the registry may restart: real converter, registry and NATS.
 
+- A program carrying a pickled object (see program_payloads.py) is refused by a pool with the
+  default settings before anything is unpickled: the payload never runs.
 - An artifact registered by a client under a candidate's key (same kind, precision and target),
   with a self-declared perfect gate result and an impossible latency, is kept (keys are immutable)
   but gated and measured by the converter itself: the serving choice follows what was measured.
@@ -17,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from converter_models import HandOff
-from converter_support import (FAST_PROFILE, conversion_artifacts, fresh_name, get_version, open_channel,
-                               open_event_log, register_version, sha256_of, start_registry)
+from converter_support import (FAST_PROFILE, conversion_artifacts, expect_failure, fresh_name, get_version,
+                               open_channel, open_event_log, register_version, sha256_of, start_registry)
+from program_payloads import SPY_CODE, Exec, plant
 
 from splitstack.common.v1 import common_pb2 as common
 from splitstack.converter.v1 import converter_pb2 as cpb
@@ -58,11 +61,31 @@ def header_fields(fmt: int) -> dict:
             "filename": f"forged-{fmt}.onnx", "gate": FORGED_GATE, "profile": forged_profile()}
 
 
-async def test_registered_artifacts_are_gated_and_measured_again(stacks: Callable, handoffs: dict[str, HandOff],
-                                                                 tmp_path: Path,
-                                                                 request: pytest.FixtureRequest) -> None:
-    stack = stacks("forged", dict(FAST_PROFILE))
-    stack.attach_logs(request.node)
+@pytest.fixture(scope="module")
+def guarded_pool(stacks: Callable):  # noqa: ANN201  conftest.Stack
+    return stacks("guarded", dict(FAST_PROFILE))
+
+
+@pytest.fixture
+def guarded(guarded_pool, request: pytest.FixtureRequest):  # noqa: ANN001, ANN201
+    guarded_pool.attach_logs(request.node)
+    return guarded_pool
+
+
+async def test_pickled_programs_are_refused_before_unpickling(guarded, handoffs: dict[str, HandOff],
+                                                              tmp_path: Path) -> None:
+    stack = guarded
+    marker = tmp_path / "spy.json"
+    cnn = handoffs["cnn"]
+    failed = await expect_failure(stack, plant(cnn.program, Exec(SPY_CODE, marker)), cnn.sample, "refused")
+    assert "pickled object" in failed.reason and "Unsupported global: GLOBAL exec" in failed.reason, failed.reason
+    assert not marker.exists()                                   # never unpickled
+    assert stack.converter.proc.poll() is None
+
+
+async def test_registered_artifacts_are_gated_and_measured_again(guarded, handoffs: dict[str, HandOff],  # noqa: ANN001
+                                                                 tmp_path: Path) -> None:
+    stack = guarded
     mlp = handoffs["mlp"]
     forged = forged_artifacts(mlp, tmp_path)
     model = fresh_name("forged")

@@ -86,9 +86,11 @@ class ConverterSettings(ChassisSettings):
         """The producer stamped on event envelopes (service/instance)."""
         return f"{SERVICE_NAME}/{self.instance}"
 
-    def child_limits(self, timeout_seconds: float) -> ChildLimits:
-        """The limits of one child process that runs for at most `timeout_seconds`."""
-        return ChildLimits(timeout_seconds, self.child_memory_mib * MIB)
+    def child_limits(self, timeout_seconds: float, gpu: bool = False) -> ChildLimits:
+        """The limits of one child process that runs for at most `timeout_seconds`. On GPU pools the
+        address-space limit is not applied: CUDA reserves more virtual memory than any sensible limit
+        (the container's memory limit still holds)."""
+        return ChildLimits(timeout_seconds, 0 if gpu else self.child_memory_mib * MIB)
 
     @property
     def engine_cache(self) -> Path:

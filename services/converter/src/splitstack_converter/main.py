@@ -70,11 +70,13 @@ def policy_for(settings: ConverterSettings, target: common_pb2.InferenceTarget) 
         target=target,
         ort=OrtOptions(settings.ort_intra_op_threads, settings.ort_inter_op_threads, target.accelerator),
         floors=Floors(settings.profile_min_runs, settings.profile_min_seconds, settings.profile_warmup_runs),
-        engine_cache_dir=settings.engine_cache, limits=settings.child_limits(settings.child_timeout_seconds))
+        engine_cache_dir=settings.engine_cache,
+        limits=settings.child_limits(settings.child_timeout_seconds, gpu=target.accelerator == common_pb2.GPU))
     return Policy(build=build, default_tolerance=Tolerance(settings.max_metric_drop, settings.min_top1_agreement),
                   calibration_rows=settings.calibration_rows, optimization_level=settings.optimization_level,
                   switch_margin=settings.switch_margin, producer=settings.producer,
-                  load_limits=settings.child_limits(settings.load_timeout_seconds),
+                  load_limits=settings.child_limits(settings.load_timeout_seconds,
+                                                    gpu=target.accelerator == common_pb2.GPU),
                   allow_pickled_programs=settings.allow_pickled_programs)
 
 
