@@ -1,8 +1,8 @@
 """How much to fuzz (bounded in `make test`, longer in `make fuzz`), what was seen, and the report.
 
 Settings, from the environment:
-- `SPLITSTACK_FUZZ_EXAMPLES` — examples per RPC and poison payloads per consumer (default 8: the bounded run
-  of `make test`; `make fuzz` sets 500 unless told otherwise).
+- `SPLITSTACK_FUZZ_EXAMPLES` — examples per RPC (and 3 x that many poison events per consumer); default 8:
+  the bounded run of `make test`; `make fuzz` sets 500 unless told otherwise.
 - `SPLITSTACK_FUZZ_REPORT` — where to write the markdown report (unset: none; `make fuzz`: docs/fuzz.md).
 - `SPLITSTACK_FUZZ_SHRINK` — 1 to minimise a failing input with hypothesis' shrinker (default: on when a
   report is written, off in the bounded run to keep it short).
@@ -53,6 +53,28 @@ class Finding:
         return text + (f"\n    input: {self.reproducer}" if self.reproducer else "")
 
 
+@dataclass(frozen=True)
+class Triaged:
+    """A finding of an earlier run, minimised and followed up (fixed, or routed to whoever owns the code)."""
+
+    where: str
+    status: str           # what the fuzzer saw
+    reproducer: str
+    outcome: str          # fixed where / by what, or who has it
+
+
+# Findings of earlier runs (kept in the report so docs/fuzz.md says what fuzzing found and what became of it).
+TRIAGED = (
+    Triaged("every RPC of every service (chassis gRPC runtime)",
+            "UNKNOWN: Unexpected <class 'google.protobuf.message.DecodeError'>: Error parsing message with type ...",
+            "request bytes that are not the request message: b'\\x0a\\x02\\xc3\\x28' (field 1, invalid UTF-8), "
+            "b'\\xff\\xff\\xff', or a JobSpec.hyperparameters Struct nested 99+ deep (protobuf's recursion limit)",
+            "fixed: the chassis wraps every method's request deserializer (libs/chassis decoding.py); such a request "
+            "gets INVALID_ARGUMENT \"the request is not a valid <Method> request message: ...\" "
+            "(libs/chassis/tests/test_server.py, tests/fuzz raw payloads)"),
+)
+
+
 @dataclass
 class FuzzLog:
     """Cases and statuses per RPC (or consumer), and the findings of the session."""
@@ -74,13 +96,16 @@ class FuzzLog:
         """The report: settings, cases and statuses per RPC / consumer, findings."""
         now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         lines = ["# Fuzzing report", "",
-                 f"Written by `make fuzz` ({now}): {EXAMPLES} examples per RPC and poison payloads per consumer, "
+                 f"Written by `make fuzz` ({now}): {EXAMPLES} examples per RPC, {3 * EXAMPLES} poison events per consumer, "
                  f"shrinking {'on' if SHRINK else 'off'}, {seconds:.0f} s. See `tests/fuzz/README.md` for what is "
                  "fuzzed and which invariants are checked.", "",
                  "## Findings", ""]
         lines += [f"- {f.line()}" for f in self.findings] or ["- none: no INTERNAL/UNKNOWN status, no hang, no dead "
                                                               "process, no half-stored record, events still flow."]
-        lines += [*(f"- note: {n}" for n in self.notes), "", "## Cases per RPC and consumer", "",
+        lines += [*(f"- note: {n}" for n in self.notes), "", "## Findings of earlier runs", "",
+                  "| where | status seen | input | outcome |", "|---|---|---|---|"]
+        lines += [f"| {t.where} | `{t.status}` | {t.reproducer} | {t.outcome} |" for t in TRIAGED]
+        lines += ["", "## Cases per RPC and consumer", "",
                   "| RPC / consumer | cases | statuses seen |", "|---|---:|---|"]
         for where in sorted(self.cases):
             seen = ", ".join(f"{status} {count}" for status, count in self.statuses[where].most_common())

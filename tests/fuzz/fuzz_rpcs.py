@@ -201,8 +201,10 @@ def string_seeds(seeds: Seeds, service: str = "") -> dict[str, st.SearchStrategy
         "recipe": _pick(seeds.recipes, lambda: near_miss_names(seeds.recipes)),
         "profile": _pick(seeds.profiles, lambda: near_miss_names(seeds.profiles or ["cpu"])),
         "executor": st.sampled_from(["local", "kubernetes", "", "Local", "local\n", "docker"]),
-        "model_version": _pick(seeds.served_versions + ["", "0", "-1", "1.0", "99999999999999999999", "v1", " 1"]),
-        "version_str": _pick(seeds.served_versions + ["", "0", "-1", "01", "1\n", "18446744073709551616"]),
+        "model_version": _pick(["", *seeds.served_versions], lambda: st.sampled_from(
+            ["0", "-1", "1.0", "99999999999999999999", "v1", " 1", "01", "1\n", "18446744073709551616"])),
+        "version_str": _pick(["", *seeds.served_versions], lambda: st.sampled_from(
+            ["0", "-1", "01", "1\n", "18446744073709551616", "latest", "\x00"])),
         "module": st.sampled_from(["", "no_such_module:Model", "os:system", "splitstack_trainer.recipes:Nope",
                                    "json:JSONDecoder", "a" * 300 + ":B", "..:x", "os.path:join\n"]),
         "datamodule": st.sampled_from(["", "no_such_module:Data", "collections:OrderedDict", ":"]),
