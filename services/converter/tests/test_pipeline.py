@@ -3,6 +3,8 @@ profile floors, selection and the sample checks."""
 
 from __future__ import annotations
 
+import io
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,7 @@ from splitstack_converter.pipeline.profile import Floors, batch_sizes, measure_p
 from splitstack_converter.pipeline.quantize import (CPU_REDUCED_RANGE_SCHEME, CPU_SCHEME, cpu_scheme, quantize_int8,
                                                      x86_without_vnni)
 from splitstack_converter.pipeline.runners import OrtOptions, OrtRunner
-from splitstack_converter.pipeline.sample import load_sample
+from splitstack_converter.pipeline.sample import check_declared_sizes, load_sample
 from splitstack_converter.pipeline.select import choose
 
 ACCURACY = common.PrimaryMetric(name="accuracy", direction=common.MAXIMIZE)
@@ -178,6 +180,22 @@ def test_sample_checks(tmp_path: Path, handoffs: dict[str, HandOff]) -> None:
     path.write_bytes(b"not an npz")
     with pytest.raises(PipelineError, match="not a readable .npz"):
         load_sample(path, (64,))
+
+
+def test_a_sample_declaring_more_than_it_holds_is_refused_before_allocation(tmp_path: Path,
+                                                                          handoffs: dict[str, HandOff]) -> None:
+    """An .npy header may declare any shape; numpy would allocate it before reading (2**40 floats: 4 TiB)."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False,
+                                                  "shape": (2**20, 2**20)})
+    with zipfile.ZipFile(tmp_path / "bomb.npz", "w") as archive:
+        archive.writestr("inputs.npy", header.getvalue() + b"\0" * 64)   # magic, header, 64 bytes
+    with pytest.raises(PipelineError, match="'inputs.npy' declares 4398046511104 bytes but holds"):
+        load_sample(tmp_path / "bomb.npz", (64,))
+    (tmp_path / "sample.npz").write_bytes(handoffs["mlp"].sample)
+    check_declared_sizes(tmp_path / "sample.npz")
+    with pytest.raises(PipelineError, match="more than 1000 bytes"):
+        check_declared_sizes(tmp_path / "sample.npz", limit=1000)
 
 
 def test_cpu_scheme_reduces_the_weight_range_only_on_x86_without_vnni(tmp_path: Path) -> None:

@@ -3,6 +3,10 @@
 Checked against the hand-off (splitstack.contracts.handoff.check_sample: the three arrays, aligned,
 at least SAMPLE_MIN_ROWS rows) and against the model's input shape. An optional
 `calibration_inputs` array, with the model's row shape, replaces `inputs` for INT8 calibration.
+
+The sample comes from a client, and numpy allocates an array's declared shape before it reads the
+data: every member's header is read first, and an array larger than its member's stored size, or
+a sample of more than MAX_SAMPLE_BYTES in all, is refused before anything is allocated.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from splitstack.contracts import handoff
 from splitstack_converter.pipeline import PipelineError
 
 CALIBRATION_KEY = "calibration_inputs"
+MAX_SAMPLE_BYTES = 1024 ** 3          # uncompressed, all arrays together
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,7 @@ class Sample:
 def load_sample(path: Path, features: tuple[int, ...], max_calibration_rows: int = 512) -> Sample:
     """Read and check the sample at `path` for a model taking rows of shape `features`."""
     try:
+        check_declared_sizes(path)
         with np.load(path, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
@@ -51,6 +57,26 @@ def load_sample(path: Path, features: tuple[int, ...], max_calibration_rows: int
         raise PipelineError("fetch", f"reference_outputs has shape {reference.shape}; expected [rows, classes]")
     return Sample(inputs=inputs, labels=np.asarray(arrays["labels"]).reshape(-1), reference_outputs=reference,
                   calibration_inputs=calibration[:max_calibration_rows])
+
+
+def check_declared_sizes(path: Path, limit: int = MAX_SAMPLE_BYTES) -> None:
+    """PipelineError unless every array of the .npz at `path` is no larger than its stored member and
+    all of them together at most `limit` bytes (ValueError, BadZipFile: not an .npz)."""
+    total = 0
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            with archive.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read_header(member)
+            declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            if declared > info.file_size:
+                raise PipelineError("fetch", f"sample array {info.filename!r} declares {declared} bytes but "
+                                             f"holds {info.file_size}")
+            total += info.file_size
+            if total > limit:
+                raise PipelineError("fetch", f"the sample holds more than {limit} bytes of arrays")
 
 
 def _rows(name: str, array: np.ndarray, features: tuple[int, ...]) -> np.ndarray:
