@@ -161,8 +161,13 @@ class Seeds:
     aliases: list[str] = field(default_factory=lambda: ["production", "staging"])
     targets: list[str] = field(default_factory=lambda: ["cpu", "t4-int8"])
     recipes: list[str] = field(default_factory=lambda: ["digits-mlp", "digits-cnn"])
-    served: str = ""
+    served: str = ""                       # served with input x FP32 [batch, 4]
     served_versions: list[str] = field(default_factory=list)
+    dynamic: str = ""                      # served with input x FP32 [batch, n]: any width passes the shape check
+
+    @property
+    def served_models(self) -> list[str]:
+        return [m for m in (self.served, self.dynamic) if m]
 
     @property
     def names(self) -> list[str]:
@@ -188,7 +193,7 @@ def digest_variants(shas: Sequence[str]) -> st.SearchStrategy[str]:
 def string_seeds(seeds: Seeds, service: str = "") -> dict[str, st.SearchStrategy]:
     """Near-valid values of string fields, by field name (whatever message they are in); on serving, names
     are the served model's."""
-    models = [seeds.served] if service == "serving" else seeds.models + ([seeds.served] if seeds.served else [])
+    models = seeds.served_models if service == "serving" else seeds.models + seeds.served_models
     model = _pick(models, lambda: near_miss_names(models))
     names = models if service == "serving" else seeds.names + models
     return {
@@ -291,13 +296,16 @@ def job_spec(seeds: Seeds) -> st.SearchStrategy[tpb.JobSpec]:
 
 
 def infer_request(seeds: Seeds) -> st.SearchStrategy[ipb.ModelInferRequest]:
-    """A well-formed request for the served model (typed contents or raw bytes), batch 1..3."""
+    """A well-formed request for a served model (typed contents or raw bytes), batch 1..3."""
     @st.composite
     def build(draw: st.DrawFn) -> ipb.ModelInferRequest:
+        model = draw(st.sampled_from(seeds.served_models))
         batch = draw(st.integers(1, 3))
-        values = np.linspace(-1, 1, batch * SERVED_WIDTH, dtype=np.float32)
-        tensor = ipb.ModelInferRequest.InferInputTensor(name=SERVED_INPUT, datatype="FP32", shape=[batch, SERVED_WIDTH])
-        request = ipb.ModelInferRequest(model_name=seeds.served, model_version=draw(_pick(["", *seeds.served_versions])),
+        width = SERVED_WIDTH if model == seeds.served else draw(st.integers(1, 9))
+        values = np.linspace(-1, 1, batch * width, dtype=np.float32)
+        tensor = ipb.ModelInferRequest.InferInputTensor(name=SERVED_INPUT, datatype="FP32", shape=[batch, width])
+        version = draw(_pick([""] + (seeds.served_versions if model == seeds.served else [])))
+        request = ipb.ModelInferRequest(model_name=model, model_version=version,
                                         id=draw(st.sampled_from(["", "r1", "\x00"])))
         if draw(st.booleans()):
             tensor.contents.fp32_contents.extend(values.tolist())
@@ -316,7 +324,8 @@ def hostile_infer(draw: st.DrawFn, seeds: Seeds) -> ipb.ModelInferRequest:
     """A served-model request with one tensor property made hostile: shape, datatype, sizes, parameters."""
     request = draw(infer_request(seeds))
     tensor = request.inputs[0]
-    mutation = draw(st.sampled_from(["shape", "rank", "datatype", "raw", "contents", "parameter", "dup", "name"]))
+    mutation = draw(st.sampled_from(["shape", "rank", "huge", "huge", "datatype", "raw", "contents", "parameter", "dup",
+                                     "name"]))
     if mutation == "shape":
         shape = draw(st.lists(st.sampled_from([0, -1, 1, 4, 2**31, 2**62, 2**63 - 1, -(2**63)]), min_size=1, max_size=4))
         del tensor.shape[:]
@@ -324,6 +333,14 @@ def hostile_infer(draw: st.DrawFn, seeds: Seeds) -> ipb.ModelInferRequest:
     elif mutation == "rank":
         del tensor.shape[:]
         tensor.shape.extend([1] * draw(st.sampled_from([0, 3, 33, 70, 1000])))
+    elif mutation == "huge":   # shapes whose element count is zero or overflows, data sized for nothing
+        request.ClearField("raw_input_contents")
+        tensor.ClearField("contents")
+        del tensor.shape[:]
+        tensor.shape.extend(draw(st.sampled_from([[0, 2**62], [1, 2**62], [2**31, 2**31], [2**62, 2**62], [0, 0],
+                                                  [1, 0], [3, 2**63 - 1], [-1, 4], [1, -4]])))
+        if draw(st.booleans()):
+            request.raw_input_contents.append(b"")
     elif mutation == "datatype":
         tensor.datatype = draw(st.sampled_from(["", "fp32", "FP64", "INT8", "BYTES", "BF16", "FP8", "BOOL", "UINT64",
                                                 "FP32\n", "\x00", "x" * 70000]))
@@ -360,8 +377,8 @@ def load_request(seeds: Seeds) -> st.SearchStrategy[ipb.RepositoryModelLoadReque
     """RepositoryModelLoad of the served model with version / config / keep_previous parameters."""
     @st.composite
     def build(draw: st.DrawFn) -> ipb.RepositoryModelLoadRequest:
-        request = ipb.RepositoryModelLoadRequest(model_name=draw(_pick([seeds.served], lambda: near_miss_names(
-            [seeds.served]))))
+        request = ipb.RepositoryModelLoadRequest(model_name=draw(_pick(seeds.served_models, lambda: near_miss_names(
+            seeds.served_models))))
         if draw(st.booleans()):
             request.parameters["version"].string_param = draw(_pick(["", *seeds.served_versions, "0", "-1", "x"]))
         if draw(st.booleans()):

@@ -2,8 +2,9 @@
 seeded with a little real state, plus the checks the fuzzer runs after each batch of inputs.
 
 Seeding, through the registry API only (no required targets anywhere, so no conversion runs unless asked):
-model `fuzz-served` (MANUAL promotion) with a READY version whose cpu serving choice is a tiny ONNX model
-(`x` FP32 [batch, 4] -> `y` = Relu(x * scale)) and whose `production` alias serving follows; model `fuzz-model`
+models `fuzz-served` and `fuzz-dynamic` (MANUAL promotion), each with a READY version whose cpu serving choice
+is a tiny ONNX model (`x` FP32 [batch, 4], resp. [batch, n] -> `y` = Relu(x * scale)) and whose `production`
+alias serving follows; model `fuzz-model`
 with a READY version (a cpu serving choice too, except in a `heavy` run, where RequestConversion really
 converts its program, which is not one) and a PENDING version; dataset `fuzz-data` with one .npz version. The
 trainer gets a cancelled job and a disabled retrain policy, so job ids and policy names exist too. `Seeds`
@@ -59,6 +60,7 @@ from splitstack.trainer.v1 import trainer_pb2_grpc  # noqa: E402
 T = TypeVar("T")
 MIB = 1 << 20
 SERVED = "fuzz-served"
+DYNAMIC = "fuzz-dynamic"                # served too: input x FP32 [batch, n], so odd widths reach the model
 PLAIN_MODEL = "fuzz-model"
 DATASET = "fuzz-data"
 CANARY_DATASET = "fuzz-canary"          # never named by the fuzzer's seeds, so no policy retrains on it
@@ -74,12 +76,13 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def tiny_onnx(scale: float = 1.0) -> bytes:
-    """y = Relu(x * scale) for x FP32 [batch, 4]: a servable model that loads in milliseconds."""
+def tiny_onnx(scale: float = 1.0, dynamic: bool = False) -> bytes:
+    """y = Relu(x * scale) for x FP32 [batch, 4] (or [batch, n]): a servable model that loads in milliseconds."""
+    width = "n" if dynamic else SERVED_WIDTH
     graph = helper.make_graph(
         [helper.make_node("Mul", [SERVED_INPUT, "scale"], ["scaled"]), helper.make_node("Relu", ["scaled"], [SERVED_OUTPUT])],
-        "fuzz", [helper.make_tensor_value_info(SERVED_INPUT, TensorProto.FLOAT, ["batch", SERVED_WIDTH])],
-        [helper.make_tensor_value_info(SERVED_OUTPUT, TensorProto.FLOAT, ["batch", SERVED_WIDTH])],
+        "fuzz", [helper.make_tensor_value_info(SERVED_INPUT, TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info(SERVED_OUTPUT, TensorProto.FLOAT, ["batch", width])],
         [helper.make_tensor("scale", TensorProto.FLOAT, [], [scale])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -123,11 +126,12 @@ class FuzzStack:
     seeds: Seeds | None = None
     restarts: list[str] = field(default_factory=list)
     served_version: int = 0               # the version of SERVED that production should point at
+    dynamic_version: int = 0              # and of DYNAMIC
     heavy: bool = False                   # a version without a serving choice: RequestConversion really converts
 
     @classmethod
     def start(cls, root: Path, heavy: bool = False) -> FuzzStack:
-        fuzz = cls(Stack(root, [SERVED]), heavy=heavy)
+        fuzz = cls(Stack(root, [SERVED, DYNAMIC]), heavy=heavy)
         fuzz.stack.start_nats()
         fuzz.stack.start("registry")
         fuzz.channels = {s: grpc.insecure_channel(fuzz.stack.address(s), options=CHANNEL_OPTIONS) for s in SERVICES}
@@ -197,6 +201,12 @@ class FuzzStack:
                 timeout=RPC_SECONDS)
         return version
 
+    def restore_served(self, model: str) -> None:
+        """Put `model` (a followed one) back as it was: MANUAL policy, production on its good version, loaded."""
+        self.manual_policy(model)
+        self.promote(model, self.served_version if model == SERVED else self.dynamic_version)
+        self.serving.RepositoryModelLoad(ipb.RepositoryModelLoadRequest(model_name=model), timeout=RPC_SECONDS)
+
     def manual_policy(self, model: str) -> None:
         self.registry.SetPromotionPolicy(rpb.SetPromotionPolicyRequest(
             model=model, policy=rpb.PromotionPolicy(mode=rpb.PromotionPolicy.MANUAL), actor="fuzz"), timeout=RPC_SECONDS)
@@ -212,11 +222,13 @@ class FuzzStack:
 
     def seed_registry(self) -> None:
         manual = rpb.PromotionPolicy(mode=rpb.PromotionPolicy.MANUAL)
-        for name, targets in ((SERVED, []), (PLAIN_MODEL, []), (CANARY_MODEL, [])):
+        for name, targets in ((SERVED, []), (DYNAMIC, []), (PLAIN_MODEL, []), (CANARY_MODEL, [])):
             self.registry.CreateModel(rpb.CreateModelRequest(model=rpb.Model(
                 name=name, required_targets=targets, promotion_policy=manual)), timeout=RPC_SECONDS)
         self.served_version = self.register(SERVED, onnx_bytes=tiny_onnx())
         self.promote(SERVED, self.served_version)
+        self.dynamic_version = self.register(DYNAMIC, onnx_bytes=tiny_onnx(dynamic=True))
+        self.promote(DYNAMIC, self.dynamic_version)
         self.register(PLAIN_MODEL, onnx_bytes=None if self.heavy else tiny_onnx(2.0))
         self.register(PLAIN_MODEL, finalize=False)
         for name in (DATASET, CANARY_DATASET):
@@ -235,7 +247,7 @@ class FuzzStack:
             name="fuzz-policy", model=PLAIN_MODEL, dataset=DATASET, template=spec, debounce_seconds=3600,
             max_concurrent_jobs=1, enabled=False)), timeout=RPC_SECONDS)
         wait_until(lambda: self.serving.ServerReady(ipb.ServerReadyRequest(), timeout=5).ready, EVENT_TIMEOUT,
-                   "serving to serve fuzz-served")
+                   "serving to serve the followed models")
         return self.collect_seeds([job.id])
 
     def collect_seeds(self, jobs: list[str]) -> Seeds:
@@ -250,7 +262,8 @@ class FuzzStack:
         served = self.serving.ModelMetadata(ipb.ModelMetadataRequest(name=SERVED), timeout=RPC_SECONDS)
         return Seeds(models=models, versions=sorted(versions), datasets=[DATASET],
                      dataset_versions=[v.version for v in data.versions], shas=shas, jobs=jobs,
-                     policies=["fuzz-policy"], profiles=profiles, served=SERVED, served_versions=list(served.versions))
+                     policies=["fuzz-policy"], profiles=profiles, served=SERVED, served_versions=list(served.versions),
+                     dynamic=DYNAMIC)
 
     # ---- invariants ------------------------------------------------------------------------------------
 

@@ -15,12 +15,13 @@ from hypothesis import given
 
 from fuzz_report import EXAMPLES, Finding, FuzzLog, fuzz_settings, timeout_for
 from fuzz_rpcs import Outcome, Rpc, acceptable, call, describe, iter_rpcs, requests
-from fuzz_stack import SERVED, FuzzStack
+from fuzz_stack import DYNAMIC, SERVED, FuzzStack
 from inference import grpc_service_pb2 as ipb
 from splitstack.registry.v1 import registry_pb2 as rpb
 from splitstack.trainer.v1 import trainer_pb2 as tpb
 
 SERVICES = ("registry", "trainer", "converter", "serving")
+FOLLOWED = (SERVED, DYNAMIC)
 CANARIES = {"registry": ("canary_data", "canary_promotion"), "trainer": ("canary_data",),
             "converter": ("canary_conversion",), "serving": ("canary_promotion",)}
 
@@ -39,12 +40,12 @@ def after_call(stack: FuzzStack, rpc: Rpc, request: object, outcome: Outcome) ->
         return
     if rpc.name == "trainer.SubmitJob" and outcome.responses:
         stack.trainer.CancelJob(tpb.CancelJobRequest(id=outcome.responses[0].id, reason="fuzz"), timeout=60)
-    elif rpc.name == "serving.RepositoryModelUnload":
-        stack.serving.RepositoryModelLoad(ipb.RepositoryModelLoadRequest(model_name=SERVED), timeout=60)
-    elif rpc.name in ("registry.SetAlias", "registry.DeleteAlias") and getattr(request, "model", "") == SERVED:
-        stack.promote(SERVED, stack.served_version)
-    elif rpc.name == "registry.SetPromotionPolicy" and getattr(request, "model", "") == SERVED:
-        stack.manual_policy(SERVED)
+    elif rpc.name in ("serving.RepositoryModelUnload", "serving.RepositoryModelLoad"):
+        if request.model_name in FOLLOWED:
+            stack.restore_served(request.model_name)
+    elif rpc.name in ("registry.SetAlias", "registry.DeleteAlias", "registry.SetPromotionPolicy"):
+        if getattr(request, "model", "") in FOLLOWED:
+            stack.restore_served(request.model)
 
 
 def fuzz_rpc(stack: FuzzStack, rpc: Rpc, log: FuzzLog) -> Finding | None:
