@@ -13,7 +13,8 @@ carries those names to the near-valid strategies.
 Invariants: every process alive (`revive` restarts a dead one, and the caller reports it); registry lists
 consistent (`registry_inconsistencies`: every artifact of every version downloads and matches its SHA-256,
 every serving choice names an artifact of its version, every dataset version downloads and matches, a
-dataset's latest version is its highest); events still flow (`canary_*`: a fresh dataset version's
+dataset's latest version is its highest); every job, retrain policy and conversion listed reads back
+(`listed_but_unreadable`); events still flow (`canary_*`: a fresh dataset version's
 data.updated reaches the trainer's consumer; a RequestConversion's conversion.requested goes out through the
 converter's outbox and is handled by the cpu pool; a fresh alias move reaches serving, which serves it).
 """
@@ -296,6 +297,30 @@ class FuzzStack:
                 rpb.ListDatasetsRequest(page_size=100, page_token=token), timeout=RPC_SECONDS), "datasets"):
             problems += self._dataset_problems(dataset)
         return problems
+
+    def listed_but_unreadable(self) -> list[str]:
+        """Records the trainer and the converter list but cannot read back (a half-written row)."""
+        problems: list[str] = []
+        for job in self._all(lambda token: self.trainer.ListJobs(
+                tpb.ListJobsRequest(page_size=100, page_token=token), timeout=RPC_SECONDS), "jobs"):
+            problems += self._unreadable(f"job {job.id!r}", lambda j=job: self.trainer.GetJob(
+                tpb.GetJobRequest(id=j.id), timeout=RPC_SECONDS))
+        for policy in self.trainer.ListRetrainPolicies(tpb.ListRetrainPoliciesRequest(), timeout=RPC_SECONDS).policies:
+            problems += self._unreadable(f"retrain policy {policy.name!r}", lambda p=policy: self.trainer.GetRetrainPolicy(
+                tpb.GetRetrainPolicyRequest(name=p.name), timeout=RPC_SECONDS))
+        for conversion in self._all(lambda token: self.converter.ListConversions(
+                cpb.ListConversionsRequest(page_size=100, page_token=token), timeout=RPC_SECONDS), "conversions"):
+            problems += self._unreadable(f"conversion {conversion.id!r}", lambda c=conversion: self.converter.GetConversion(
+                cpb.GetConversionRequest(model=c.model, version=c.version, target=c.target), timeout=RPC_SECONDS))
+        return problems
+
+    @staticmethod
+    def _unreadable(what: str, read: Callable[[], object]) -> list[str]:
+        try:
+            read()
+        except grpc.RpcError as exc:
+            return [f"{what} is listed but reading it fails: {exc.code().name} {exc.details()}"]
+        return []
 
     @staticmethod
     def _all(page: Callable[[str], object], field_name: str) -> list:

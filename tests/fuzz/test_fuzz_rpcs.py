@@ -79,7 +79,7 @@ def check_stack(stack: FuzzStack, service: str, log: FuzzLog) -> list[Finding]:
              for name in stack.revive()]
     stack.cleanup_work()
     found += [log.find(Finding(f"stack after {service}", f"half-stored record: {problem}"))
-              for problem in stack.registry_inconsistencies()]
+              for problem in stack.registry_inconsistencies() + stack.listed_but_unreadable()]
     for canary in CANARIES[service]:
         try:
             getattr(stack, canary)()
