@@ -88,7 +88,7 @@ class NatsServer(ServerProcess):
 
 
 def start_nats(data_dir: Path, *, port: int = 0, config_text: str = "", log_path: Path | None = None,
-               timeout: float = 10.0, detach: bool = False) -> NatsServer:
+               timeout: float = 60.0, detach: bool = False) -> NatsServer:
     """Start `nats-server -js` storing under `data_dir`; `config_text` adds auth/TLS settings."""
     data_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
