@@ -11,7 +11,8 @@ included) with values chosen to hurt a server:
 - integers: 0, -1, 1, 2^31 - 1, 2^31, 2^62, 2^63 - 1, 2^64 - 1, ... clamped to each field's range;
 - floats: NaN, +-inf, -0.0, the largest and the smallest double;
 - enums: every defined value and undefined ones (proto3 enums are open: any int32 is on the wire);
-- bytes: empty, NUL, a ZIP (.npz) header followed by garbage, random, 70 KB and 2 MB.
+- bytes: empty, NUL, a ZIP (.npz) header followed by garbage, random, 70 KB and 2 MB;
+- repeated fields of 0..4 items, sometimes 3000 scalars or 300 messages; maps of 0..4 entries, sometimes 2000.
 
 Big values are rare (one choice among dozens) and repeated fields and map values never draw them, so a
 message stays a few MiB at most. `nasty_strings`, `near_miss_names` and `nasty_ints` are reused by the
@@ -30,6 +31,8 @@ from hypothesis import strategies as st
 MAX_DEPTH = 6              # nested messages below this depth are left empty
 MAX_REPEATED = 4           # items of a repeated message field (scalars: also "many")
 MANY_SCALARS = 3000        # the "many" length of a repeated scalar field
+MANY_MESSAGES = 300        # ... of a repeated message field (copies of one drawn message)
+MANY_ENTRIES = 2000        # ... of a map (distinct keys, one drawn value)
 KB70 = 70 * 1024
 MB2 = 2 * 1024 * 1024
 NAME_RULE = r"[a-z0-9][a-z0-9_-]{0,62}"
@@ -158,7 +161,11 @@ def set_field(draw: st.DrawFn, msg: Message, field: FieldDescriptor, seeds: tupl
     elif field.type == FieldDescriptor.TYPE_MESSAGE:
         if is_repeated(field):
             container = getattr(msg, field.name)
-            for _ in range(draw(st.integers(0, MAX_REPEATED))):
+            count = draw(st.sampled_from(list(range(MAX_REPEATED + 1)) + [MANY_MESSAGES]))
+            if count == MANY_MESSAGES:
+                item = draw(_message(field.message_type, seeds, MAX_DEPTH - 1, False))
+                container.extend([item] * count)
+            for _ in range(count if count <= MAX_REPEATED else 0):
                 container.add().CopyFrom(draw(_message(field.message_type, seeds, depth + 1, False)))
         else:
             getattr(msg, field.name).CopyFrom(draw(_message(field.message_type, seeds, depth + 1, big)))
@@ -180,6 +187,9 @@ def _set_scalar(msg: Message, field: FieldDescriptor, value: object) -> None:
 
 def _fill_map(draw: st.DrawFn, container, entry: Descriptor, seeds: tuple[str, ...], depth: int) -> None:  # noqa: ANN001
     key_field, value_field = entry.fields_by_name["key"], entry.fields_by_name["value"]
+    if draw(st.integers(0, 9)) == 0:
+        _fill_many(draw, container, key_field, value_field, seeds)
+        return
     for _ in range(draw(st.integers(0, MAX_REPEATED))):
         key = draw(scalar_values(key_field, seeds, False))
         if value_field.type == FieldDescriptor.TYPE_MESSAGE:
@@ -189,6 +199,24 @@ def _fill_map(draw: st.DrawFn, container, entry: Descriptor, seeds: tuple[str, .
                 container[key] = draw(scalar_values(value_field, seeds, False))
             except (ValueError, TypeError):
                 pass
+
+
+def _fill_many(draw: st.DrawFn, container, key_field: FieldDescriptor, value_field: FieldDescriptor,  # noqa: ANN001
+               seeds: tuple[str, ...]) -> None:
+    """MANY_ENTRIES distinct keys sharing one drawn value."""
+    keys = ([f"k{i}" for i in range(MANY_ENTRIES)] if key_field.type == FieldDescriptor.TYPE_STRING
+            else list(range(MANY_ENTRIES)))
+    if value_field.type == FieldDescriptor.TYPE_MESSAGE:
+        value = draw(_message(value_field.message_type, seeds, MAX_DEPTH - 1, False))
+        for key in keys:
+            container[key].CopyFrom(value)
+        return
+    value = draw(scalar_values(value_field, seeds, False))
+    try:
+        for key in keys:
+            container[key] = value
+    except (ValueError, TypeError):
+        pass
 
 
 # ---- mutations of a near-valid message ----------------------------------------------------------------
