@@ -18,7 +18,7 @@ from hypothesis.configuration import set_hypothesis_home_dir
 
 sys.path.insert(0, str(Path(__file__).parent))  # fuzz_*: beside this file
 
-from fuzz_report import BOUNDED_EXAMPLES, EXAMPLES, REPORT, FuzzLog  # noqa: E402
+from fuzz_report import REPORT, FuzzLog  # noqa: E402
 from fuzz_stack import FuzzStack  # noqa: E402
 
 from splitstack.chassis.testing.fixtures import SERVICE_LOGS  # noqa: E402
@@ -39,7 +39,7 @@ def fuzz_log() -> FuzzLog:
 
 @pytest.fixture(scope="session")
 def fuzz_session_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzStack]:
-    stack = FuzzStack.start(tmp_path_factory.mktemp("fuzz"), heavy=EXAMPLES > BOUNDED_EXAMPLES)
+    stack = FuzzStack.start(tmp_path_factory.mktemp("fuzz"))
     try:
         yield stack
     finally:

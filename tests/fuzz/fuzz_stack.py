@@ -4,9 +4,8 @@ seeded with a little real state, plus the checks the fuzzer runs after each batc
 Seeding, through the registry API only (no required targets anywhere, so no conversion runs unless asked):
 models `fuzz-served` and `fuzz-dynamic` (MANUAL promotion), each with a READY version whose cpu serving choice
 is a tiny ONNX model (`x` FP32 [batch, 4], resp. [batch, n] -> `y` = Relu(x * scale)) and whose `production`
-alias serving follows; model `fuzz-model`
-with a READY version (a cpu serving choice too, except in a `heavy` run, where RequestConversion really
-converts its program, which is not one) and a PENDING version; dataset `fuzz-data` with one .npz version. The
+alias serving follows; model `fuzz-model` with a READY version (a cpu serving choice too, so a fuzzed
+RequestConversion finds nothing to build) and a PENDING version; dataset `fuzz-data` with one .npz version. The
 trainer gets a cancelled job and a disabled retrain policy, so job ids and policy names exist too. `Seeds`
 carries those names to the near-valid strategies.
 
@@ -128,11 +127,10 @@ class FuzzStack:
     restarts: list[str] = field(default_factory=list)
     served_version: int = 0               # the version of SERVED that production should point at
     dynamic_version: int = 0              # and of DYNAMIC
-    heavy: bool = False                   # a version without a serving choice: RequestConversion really converts
 
     @classmethod
-    def start(cls, root: Path, heavy: bool = False) -> FuzzStack:
-        fuzz = cls(Stack(root, [SERVED, DYNAMIC]), heavy=heavy)
+    def start(cls, root: Path) -> FuzzStack:
+        fuzz = cls(Stack(root, [SERVED, DYNAMIC]))
         fuzz.stack.start_nats()
         fuzz.stack.start("registry")
         fuzz.channels = {s: grpc.insecure_channel(fuzz.stack.address(s), options=CHANNEL_OPTIONS) for s in SERVICES}
@@ -230,7 +228,7 @@ class FuzzStack:
         self.promote(SERVED, self.served_version)
         self.dynamic_version = self.register(DYNAMIC, onnx_bytes=tiny_onnx(dynamic=True))
         self.promote(DYNAMIC, self.dynamic_version)
-        self.register(PLAIN_MODEL, onnx_bytes=None if self.heavy else tiny_onnx(2.0))
+        self.register(PLAIN_MODEL, onnx_bytes=tiny_onnx(2.0))
         self.register(PLAIN_MODEL, finalize=False)
         for name in (DATASET, CANARY_DATASET):
             self.registry.CreateDataset(rpb.CreateDatasetRequest(dataset=rpb.Dataset(name=name)), timeout=RPC_SECONDS)
