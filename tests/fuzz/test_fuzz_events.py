@@ -1,13 +1,16 @@
 """Poison events on every consumed subject: each one settled (the unhandleable ones dead-lettered on
 `deadletter.<consumer>`), every process alive, and a canary published afterwards still handled.
 
-Consumers: the trainer's work consumer (`data.updated`), the cpu converter pool's (`model.registered`,
+Consumers: the trainer's work consumer (`data.updated`; an enabled retrain policy listens on the poisoned
+dataset, so well-formed poison becomes retraining triggers), the cpu converter pool's (`model.registered`,
 `conversion.requested.*.cpu`) and serving's promotion fan-out (`model.promoted.fuzz-served.production`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import given
@@ -15,8 +18,9 @@ from hypothesis import strategies as st
 
 from fuzz_events import UNHANDLEABLE, Poison, poisons
 from fuzz_report import Finding, FuzzLog, fuzz_settings, timeout_for
-from fuzz_stack import CONSUMERS, FuzzStack, on_bus
+from fuzz_stack import CONSUMERS, DATASET, PLAIN_MODEL, FuzzStack, on_bus
 from splitstack.contracts.envelope import MSG_ID_HEADER
+from splitstack.trainer.v1 import trainer_pb2 as tpb
 
 CANARY = {"trainer": "canary_data", "converter": "canary_conversion", "serving": "canary_promotion"}
 POISONS_PER_EXAMPLE = 3   # each hypothesis example publishes this many poisons
@@ -47,9 +51,27 @@ def test_poison_events_are_settled_and_events_still_flow(consumer: str, fuzz_sta
             published.append((poison, sequence))
             fuzz_log.record(where, poison.kind)
 
-    publish_poison()
-    findings = settle_and_check(fuzz_stack, consumer, where, published, fuzz_log)
+    with listening_policy(fuzz_stack, consumer):
+        publish_poison()
+        findings = settle_and_check(fuzz_stack, consumer, where, published, fuzz_log)
     assert not findings, "\n".join(f.line() for f in findings)
+
+
+@contextlib.contextmanager
+def listening_policy(stack: FuzzStack, consumer: str) -> Iterator[None]:
+    """For the trainer: an enabled retrain policy on the poisoned dataset, so a well-formed poison is noted as a
+    retraining trigger (an hour's debounce: no job starts during the test); deleted afterwards."""
+    if consumer != "trainer":
+        yield
+        return
+    spec = tpb.JobSpec(model=PLAIN_MODEL, dataset=DATASET, recipe="digits-mlp", max_epochs=1)
+    policy = tpb.RetrainPolicy(name="fuzz-listening", model=PLAIN_MODEL, dataset=DATASET, template=spec,
+                               debounce_seconds=3600, min_interval_seconds=3600, max_concurrent_jobs=1, enabled=True)
+    stack.trainer.SetRetrainPolicy(tpb.SetRetrainPolicyRequest(policy=policy), timeout=60)
+    try:
+        yield
+    finally:
+        stack.trainer.DeleteRetrainPolicy(tpb.DeleteRetrainPolicyRequest(name=policy.name), timeout=60)
 
 
 def settle_and_check(stack: FuzzStack, consumer: str, where: str, published: list[tuple[Poison, int]],
