@@ -41,7 +41,7 @@ def after_call(stack: FuzzStack, rpc: Rpc, request: object, outcome: Outcome) ->
     if rpc.name == "trainer.SubmitJob" and outcome.responses:
         stack.trainer.CancelJob(tpb.CancelJobRequest(id=outcome.responses[0].id, reason="fuzz"), timeout=60)
     elif rpc.name in ("serving.RepositoryModelUnload", "serving.RepositoryModelLoad"):
-        if request.model_name in FOLLOWED:
+        if getattr(request, "model_name", "") in FOLLOWED:
             stack.restore_served(request.model_name)
     elif rpc.name in ("registry.SetAlias", "registry.DeleteAlias", "registry.SetPromotionPolicy"):
         if getattr(request, "model", "") in FOLLOWED:
@@ -51,14 +51,15 @@ def after_call(stack: FuzzStack, rpc: Rpc, request: object, outcome: Outcome) ->
 def fuzz_rpc(stack: FuzzStack, rpc: Rpc, log: FuzzLog) -> Finding | None:
     """Send `rpc` its fuzzed inputs; the finding (minimal input when shrinking) if one misbehaved."""
     channel = stack.channels[rpc.service]
-    process = stack.stack.current[rpc.service]
 
     @fuzz_settings()
     @given(requests(rpc, stack.seeds))
     def no_bad_status(request: object) -> None:
+        process = stack.stack.current[rpc.service]
         outcome = call(channel, rpc, request)
         log.record(rpc.name, outcome.status)
         if process.proc.poll() is not None:
+            stack.revive()   # restarted at once, so shrinking replays inputs against a live process
             raise BadOutcome(f"the {rpc.service} process died (exit {process.proc.returncode})", request)
         if not acceptable(rpc, outcome):
             detail = outcome.details or "; ".join(outcome.in_band_errors)
