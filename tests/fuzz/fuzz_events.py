@@ -31,6 +31,7 @@ from splitstack.events.v1 import events_pb2
 
 UNHANDLEABLE = ("bytes", "no-id", "unknown-type", "garbage-value")
 OVERSIZED_CHARS = 900 * 1024
+MAX_POISON_BYTES = 1000 * 1024     # under NATS' default max payload (1 MiB), headers included
 EVENT_TYPES = [events_pb2.DataUpdated, events_pb2.ModelRegistered, events_pb2.ModelPromoted,
                events_pb2.ConversionRequested, events_pb2.ModelConverted, events_pb2.DeadLetter]
 
@@ -115,6 +116,8 @@ def poisons(draw: st.DrawFn, consumer: str) -> Poison:
         payload = draw(messages(consumed.payload.DESCRIPTOR, consumed.tokens, big=False))
         _stuff(payload, "y" * OVERSIZED_CHARS)
         data = _envelope(payload)
+    if len(data) > MAX_POISON_BYTES:   # many repeated items: NATS would refuse it; cut it (no longer well-formed)
+        kind, data = "truncated", data[:MAX_POISON_BYTES]
     return Poison(subject, kind, data)
 
 
