@@ -1,6 +1,7 @@
 """Making a job from a spec, and ending one: the two writes every path (API, retraining, runner) shares.
 
-`JobFactory.prepare` checks the spec (specs.plan_job, in a thread: it imports user code), pins the
+`JobFactory.prepare` checks the spec (specs.plan_job, in a thread: allow-list first, then the built-in
+recipe in process or user code in a credential-free child, never imported here), pins the
 dataset version through the registry (unknown version -> INVALID_ARGUMENT), downloads it into
 the trainer's cache and checks its digest (mismatch -> INVALID_ARGUMENT), and builds the
 JobConfig the executor's ranks will run. Nothing is stored and no process starts before all of
