@@ -42,6 +42,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from splitstack.chassis.children import kill_group
 from splitstack.chassis.errors import FailedPrecondition, InvalidArgument, Unavailable
 from splitstack_trainer.jobconfig import SUPERVISOR_ENV
 
@@ -164,14 +165,14 @@ class CodeChecker:
             try:
                 child.communicate(request.encode(), timeout=self.timeout_seconds)
             except subprocess.TimeoutExpired:
-                _kill_group(child)
+                kill_group(child)
                 log.warning("code check of %s / %s killed after %.0f s", module, datamodule, self.timeout_seconds)
                 raise FailedPrecondition(
                     f"checking module {module!r} and datamodule {datamodule!r} did not finish within "
                     f"{self.timeout_seconds:g} s ({TIMEOUT_VAR}): importing them hangs or is too slow; "
                     "the checking process was killed") from None
             finally:
-                _kill_group(child)   # anything the user code left behind
+                kill_group(child)   # anything the user code left behind
         return _outcome(child.returncode, result, output, module, datamodule)
 
 
@@ -180,17 +181,6 @@ def child_environment(scratch: Path) -> dict[str, str]:
     return {"PATH": os.environ.get("PATH", os.defpath), "HOME": str(scratch), "TMPDIR": str(scratch),
             "LANG": "C.UTF-8", "PYTHONSAFEPATH": "1", "PYTHONDONTWRITEBYTECODE": "1", "ORT_DISABLE_TELEMETRY": "1",
             "CUDA_VISIBLE_DEVICES": "", SUPERVISOR_ENV: str(os.getpid())}
-
-
-def _kill_group(child: subprocess.Popen) -> None:
-    try:
-        os.killpg(child.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        child.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        log.error("code check process %d survived SIGKILL for 10 s", child.pid)
 
 
 def _outcome(returncode: int | None, result: Path, output: Path, module: str, datamodule: str) -> dict[str, Any]:

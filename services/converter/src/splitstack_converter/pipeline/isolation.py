@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from splitstack.chassis.children import kill_group
+
 log = logging.getLogger(__name__)
 
 WORKER_MODULE = "splitstack_converter.pipeline.worker"
@@ -40,7 +42,6 @@ RESULT_FILENAME = "result.json"
 LOG_FILENAME = "child.log"
 MAX_RESULT_BYTES = 1024 * 1024
 LOG_TAIL_CHARS = 2000
-KILL_WAIT_SECONDS = 10.0
 MIB = 1024 * 1024
 
 # Variables a child may inherit: how to find programs and libraries, locale, accelerators, threads.
@@ -114,25 +115,13 @@ def run_child(task: str, spec: dict[str, Any], scratch: Path, limits: ChildLimit
         try:
             code = child.wait(timeout=limits.timeout_seconds)
         except subprocess.TimeoutExpired:
-            _kill_group(child)   # the child and whatever it started in its session
+            kill_group(child)   # the child and whatever it started in its session
             raise ChildFailed(f"{what} did not finish within its {limits.timeout_seconds:g}s time limit "
                               f"(the process was killed)") from None
         except BaseException:
-            _kill_group(child)
+            kill_group(child)
             raise
     return _result(code, result_path, scratch / LOG_FILENAME, limits, what)
-
-
-def _kill_group(child: subprocess.Popen) -> None:
-    """SIGKILL the child's process group (called before the child is reaped, so the group is still its)."""
-    try:
-        os.killpg(child.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        child.wait(timeout=KILL_WAIT_SECONDS)
-    except subprocess.TimeoutExpired:
-        log.error("child %d did not exit after SIGKILL", child.pid)
 
 
 def _result(code: int, result_path: Path, log_path: Path, limits: ChildLimits, what: str) -> dict[str, Any]:
